@@ -1,0 +1,140 @@
+"""Read a config (YAML file or built-in recipe name), apply `--set a.b=c` overrides, validate.
+
+All problems become one-line `TunesmithError`s naming the file and the key, with a did-you-mean for
+misspelt keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tunesmith.config.schema import TrainConfig
+from tunesmith.errors import TunesmithError, did_you_mean
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'training.lr=1e-4' -> (['training', 'lr'], 0.0001). Values are read as YAML scalars / lists."""
+    if "=" not in item:
+        raise TunesmithError(f"override {item!r} has no '='", "write overrides as key=value, e.g. training.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise TunesmithError(f"override {item!r} has an empty key", "write overrides as key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_dotted(data: dict[str, Any], dotted: str | list[str], value: Any) -> None:
+    """data['a']['b'] = value for 'a.b', creating the intermediate mappings."""
+    path = dotted.split(".") if isinstance(dotted, str) else dotted
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `key=value` strings to a plain dict (validation happens afterwards, with the schema)."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        set_dotted(data, path, value)
+    return data
+
+
+def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The valid keys at a location in the schema, for did-you-mean."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def _describe(error: dict[str, Any], source: str) -> TunesmithError:
+    loc = tuple(error.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        valid = _field_names(TrainConfig, loc[:-1])
+        hint = did_you_mean(str(loc[-1]), valid) or f"valid keys here: {', '.join(valid)}"
+        return TunesmithError(f"{source}: unknown config key {key!r}", hint)
+    msg = error.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "model_type":
+        return TunesmithError(f"{source}: {key} must be a mapping of keys, got {error.get('input')!r}")
+    where = f"{source}: " if not loc else f"{source}: {key}: "
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    return TunesmithError(f"{where}{msg}{shown}", "fix the value in the YAML or with --set key=value")
+
+
+def validate(data: dict[str, Any], source: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _describe(exc.errors()[0], source) from exc
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TunesmithError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise TunesmithError(f"{path}{where}: {problem}", "check indentation and quoting on that line") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TunesmithError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[TrainConfig, str]:
+    """Load a YAML file or a built-in recipe name. Returns (config, stem for the default work dir)."""
+    from tunesmith.config.recipes import build_recipe, recipe_names
+
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise TunesmithError(
+                f"config file {path} does not exist",
+                "pass a YAML path or a recipe name from `tunesmith list-cfg`",
+            )
+        data, source, stem = read_yaml(path), str(path), path.stem
+    elif name_or_path in recipe_names():
+        data, source, stem = build_recipe(name_or_path).model_dump(mode="json"), name_or_path, name_or_path
+    else:
+        hint = did_you_mean(name_or_path, recipe_names()) or "run `tunesmith list-cfg` to see the recipes"
+        raise TunesmithError(f"unknown config {name_or_path!r} (not a file, not a recipe)", hint)
+    data = apply_overrides(data, overrides)
+    return validate(data, source), stem
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A stable hash of what decides the training run (used to refuse resuming with another config)."""
+    relevant = cfg.model_dump(mode="json", exclude={"work_dir": True, "logging": True, "evaluation": True})
+    blob = json.dumps(relevant, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

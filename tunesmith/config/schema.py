@@ -1,0 +1,183 @@
+"""The one typed config: what a user edits in YAML, what `--set` overrides and what the code reads.
+
+Defaults are XTuner 0.x's (internlm_chat_7b_qlora_oasst1_e3). Every field carries a description, which
+`copy-cfg` writes next to the key as a comment. Unknown keys are errors (with a did-you-mean, see
+`tunesmith.config.load`). Cross-field rules live in `TrainConfig._cross_checks` so they fail at load time,
+before any model is read.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["qlora", "lora", "full"]
+DType = Literal["auto", "bf16", "fp16", "fp32"]
+DeepSpeedName = Literal[
+    "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload"
+]
+
+XTUNER_EVALUATION_INPUTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(
+        "internlm/internlm-chat-7b",
+        description="local folder, .gguf file, hub id, or builtin:smollm2-135m-instruct",
+    )
+    tokenizer_path: str | None = Field(None, description="tokenizer location when it differs from path")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off: unsafe)")
+    dtype: DType = Field("auto", description="weights dtype: auto picks bf16 where the GPU supports it, else fp16")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="attention kernel; auto = the fastest exact one available"
+    )
+
+
+class QuantizationSection(Section):
+    bits: Literal[4, 8] | None = Field(None, description="4 = QLoRA (NF4), 8 = LLM.int8, null = no quantization")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (saves ~0.4 bit/param)")
+    compute_dtype: DType = Field("auto", description="dtype of the dequantized matmuls")
+    quant_storage: DType | None = Field(
+        None, description="storage dtype of packed 4-bit weights; ZeRO-3 needs it equal to the compute dtype"
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(64, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' (every Linear except the head, as XTuner) or a list of names"
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases to train")
+    modules_to_save: list[str] = Field(default_factory=list, description="extra modules trained in full")
+
+
+class DataSection(Section):
+    path: str = Field(
+        "timdettmers/openassistant-guanaco",
+        description="local file or folder (json, jsonl, csv, parquet, txt), or a hub dataset id when online",
+    )
+    format: str = Field("oasst1", description="reader (XTuner's dataset_map_fn name); see list-dataset-format")
+    name: str | None = Field(None, description="hub dataset config name")
+    split: str = Field("train", description="hub dataset split")
+    prompt_template: str = Field("internlm_chat", description="chat template name or 'auto'; see list-template")
+    system: str = Field("", description="system prompt text added to every conversation without its own")
+    system_template: str | None = Field(None, description="named system prompt (alternative to system)")
+    max_length: int = Field(2048, ge=16, description="tokens per (packed) sample")
+    pack_to_max_length: bool = Field(True, description="pack samples into max_length sequences")
+    shuffle_before_pack: bool = Field(True, description="shuffle samples before packing")
+    max_dataset_length: int | None = Field(None, ge=1, description="use only the first N records")
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
+    cache_dir: str | None = Field(None, description="where tokenized datasets are cached (default: ~/.cache/tunesmith)")
+
+    @model_validator(mode="after")
+    def _one_system(self) -> DataSection:
+        if self.system and self.system_template:
+            raise ValueError("set data.system or data.system_template, not both")
+        return self
+
+
+class TrainingSection(Section):
+    max_epochs: int = Field(3, ge=1, description="passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(1, ge=1, description="samples per device per micro-batch")
+    accumulative_counts: int = Field(16, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_norm: float | None = Field(1.0, description="gradient clipping norm (null: no clipping)")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps with linear warm-up")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a share of lr")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch) or a bitsandbytes variant"
+    )
+    mixed_precision: DType = Field("auto", description="auto = bf16 where supported, fp16 on older GPUs, fp32 on CPU")
+    gradient_checkpointing: bool = Field(True, description="recompute activations in backward to save memory")
+    seed: int = Field(0, description="random seed (data order, dropout, init)")
+    deterministic: bool = Field(False, description="use deterministic kernels (slower)")
+    save_steps: int | None = Field(None, ge=1, description="also save iter_N.pth every N steps")
+    save_total_limit: int | None = Field(2, ge=1, description="iter_N.pth checkpoints to keep")
+    save_epochs: bool = Field(True, description="save epoch_N.pth at the end of every epoch")
+    log_interval: int = Field(10, ge=1, description="steps between log lines")
+
+
+class EvaluationSection(Section):
+    inputs: list[str] = Field(
+        default_factory=lambda: list(XTUNER_EVALUATION_INPUTS),
+        description="prompts answered during training to watch the model learn",
+    )
+    every_n_steps: int | None = Field(500, ge=1, description="answer them every N steps (null: only before/after)")
+    max_new_tokens: int = Field(600, ge=1, description="answer length limit")
+    temperature: float = Field(0.1, ge=0, description="0 = greedy")
+    top_p: float = Field(0.75, gt=0, le=1)
+    top_k: int = Field(40, ge=0)
+
+
+class LoggingSection(Section):
+    tensorboard: bool = Field(True, description="write TensorBoard events to work_dir/tensorboard")
+    plot: bool = Field(True, description="draw work_dir/loss.png")
+
+
+class DistributedSection(Section):
+    deepspeed: str | None = Field(
+        None, description="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file"
+    )
+    dataset_timeout_minutes: float = Field(60, gt=0, description="how long other ranks wait for rank 0's data")
+
+
+class SpeedSection(Section):
+    """Fast paths. Each is exact against the plain path (tests) and can be switched off here."""
+
+    packed_attention: bool = Field(True, description="attention never crosses packed samples (varlen / block mask)")
+    liger_kernel: Literal["auto", "on", "off"] = Field(
+        "auto", description="liger-kernel RMSNorm / RoPE / SwiGLU / fused linear+CE on CUDA when installed"
+    )
+    chunked_loss: bool = Field(True, description="cross-entropy in chunks so full logits never materialise")
+    compile: bool = Field(False, description="torch.compile the decoder layers")
+
+
+class TrainConfig(Section):
+    """A whole training recipe."""
+
+    method: Method = Field("qlora", description="qlora, lora or full fine-tuning")
+    work_dir: str | None = Field(None, description="output folder (default ./work_dirs/<config name>)")
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    speed: SpeedSection = Field(default_factory=SpeedSection)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _lower_method(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        q = self.quantization
+        if self.method == "qlora" and q.bits is None:
+            raise ValueError("method 'qlora' needs quantization.bits 4 (or 8); use method 'lora' for no quantization")
+        if self.method == "full" and q.bits is not None:
+            raise ValueError(
+                "full fine-tuning cannot train quantized weights: set quantization.bits null or use method 'qlora'"
+            )
+        if self.method == "lora" and q.bits is not None:
+            raise ValueError("method 'lora' trains an unquantized base: set quantization.bits null or use 'qlora'")
+        ds = self.distributed.deepspeed or ""
+        if "zero3" in ds and q.bits is not None and q.quant_storage is None:
+            raise ValueError(
+                "QLoRA with ZeRO-3 needs quantization.quant_storage (e.g. bf16) so ZeRO can shard the 4-bit weights"
+            )
+        return self
