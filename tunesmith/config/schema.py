@@ -39,7 +39,9 @@ class ModelSection(Section):
 
 
 class QuantizationSection(Section):
-    bits: Literal[4, 8] | None = Field(None, description="4 = QLoRA (NF4), 8 = LLM.int8, null = no quantization")
+    bits: Literal[4, 8] | None = Field(
+        None, description="4 = NF4 (QLoRA), 8 = LLM.int8, null = none (method qlora picks 4)"
+    )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
     double_quant: bool = Field(True, description="quantize the quantization constants too (saves ~0.4 bit/param)")
     compute_dtype: DType = Field("auto", description="dtype of the dequantized matmuls")
@@ -130,7 +132,7 @@ class DistributedSection(Section):
     deepspeed: str | None = Field(
         None, description="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file"
     )
-    dataset_timeout_minutes: float = Field(60, gt=0, description="how long other ranks wait for rank 0's data")
+    dataset_timeout_minutes: float = Field(60.0, gt=0, description="how long other ranks wait for rank 0's data")
 
 
 class SpeedSection(Section):
@@ -168,7 +170,7 @@ class TrainConfig(Section):
     def _cross_checks(self) -> TrainConfig:
         q = self.quantization
         if self.method == "qlora" and q.bits is None:
-            raise ValueError("method 'qlora' needs quantization.bits 4 (or 8); use method 'lora' for no quantization")
+            q.bits = 4  # QLoRA means a quantized base; NF4 unless the user picked 8
         if self.method == "full" and q.bits is not None:
             raise ValueError(
                 "full fine-tuning cannot train quantized weights: set quantization.bits null or use method 'qlora'"
