@@ -1,0 +1,615 @@
+"""Exactness of every fast path against the plain path (DESIGN principle 3).
+
+CPU tests run in fp32 and compare within 1e-5; the ``gpu`` tests run each fast path in bf16 on a small shape
+and compare loss and LoRA gradients with bf16 tolerances (they are skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+from tunesmith.models.fast import (
+    PACKED_SDPA,
+    apply_fast_paths,
+    apply_fused_lora,
+    apply_liger_kernels,
+    causal_lm_loss_sum,
+    loss_options,
+    model_loss_sum,
+    remove_fused_lora,
+    set_checkpointed_layers,
+)
+from tunesmith.models.fast.attention import segments_from_position_ids, set_attention
+from tunesmith.models.fast.loss import auto_chunk_size
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_llama(*, kv_heads: int = 4, vocab: int = 97, layers: int = 2, dtype=torch.float32, device="cpu", attn="sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        attention_bias=True,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=dtype).to(device)
+    return model
+
+
+def lora(model, dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, cfg)
+    # LoRA B starts at zero; make it non-zero so LoRA A gets gradients worth comparing
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def packed_batch(lengths=(5, 9, 3, 7), vocab: int = 97, rows: int = 2, device="cpu", seed: int = 1):
+    """Rows of several packed samples: position ids restart per sample, labels -100 on each sample's first
+    tokens (its 'prompt') and on the first token of every sample."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    ids = torch.randint(0, vocab, (rows, total), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths]).repeat(rows, 1)
+    labels = ids.clone()
+    labels[pos < 2] = -100  # two prompt tokens per sample, no loss
+    if rows > 1:
+        labels[1, -4:] = -100  # some trailing ignored positions
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device)}
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_close_dicts(a, b, atol, rtol=0.0):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def plain_loss(hidden, weight, bias, labels, position_ids=None):
+    logits = F.linear(hidden, weight, bias)[:, :-1].float()
+    targets = labels[:, 1:].clone()
+    if position_ids is not None:
+        targets[position_ids[:, 1:] == 0] = -100
+    return nn.CrossEntropyLoss(reduction="sum")(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 4096])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_matches_cross_entropy(chunk, with_bias):
+    torch.manual_seed(0)
+    b, length, h, v = 2, 24, 16, 50
+    hidden = torch.randn(b, length, h, requires_grad=True)
+    head = nn.Linear(h, v, bias=with_bias)
+    labels = torch.randint(0, v, (b, length))
+    labels[0, :5] = -100
+    labels[1, 10:13] = -100
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(b, 1)
+
+    ref = plain_loss(hidden, head.weight, head.bias, labels, pos)
+    ref.backward()
+    ref_grads = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if with_bias else [])
+    hidden.grad = None
+    head.zero_grad()
+
+    loss, n = causal_lm_loss_sum(hidden, head, labels, chunk_size=chunk, position_ids=pos, use_liger=False)
+    loss.backward()
+    got = [hidden.grad, head.weight.grad] + ([head.bias.grad] if with_bias else [])
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    expected_n = ((labels[:, 1:] != -100) & (pos[:, 1:] != 0)).sum()
+    assert int(n) == int(expected_n)
+    for x, y in zip(got, ref_grads):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_loss_backward_scales_with_upstream_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 12, 8, requires_grad=True)
+    head = nn.Linear(8, 30, bias=False)
+    labels = torch.randint(0, 30, (1, 12))
+    loss, n = causal_lm_loss_sum(hidden, head, labels, chunk_size=4, use_liger=False)
+    (loss / n * 3.0).backward()
+    g1 = hidden.grad.clone()
+    hidden.grad = None
+    ref = plain_loss(hidden, head.weight, None, labels)
+    (ref / n * 3.0).backward()
+    torch.testing.assert_close(g1, hidden.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_generic_head_and_weight_tensor():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 10, 8, requires_grad=True)
+    head = nn.Sequential(nn.Linear(8, 30))  # not a plain Linear: per-chunk checkpointing path
+    labels = torch.randint(0, 30, (2, 10))
+    labels[:, :3] = -100
+    ref = plain_loss(hidden, head[0].weight, head[0].bias, labels)
+    loss, _ = causal_lm_loss_sum(hidden, head, labels, chunk_size=3)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    loss_w, _ = causal_lm_loss_sum(hidden, head[0].weight.detach(), labels, chunk_size=3, use_liger=False)
+    ref_w = plain_loss(hidden, head[0].weight, None, labels)
+    torch.testing.assert_close(loss_w, ref_w, atol=1e-5, rtol=1e-6)
+
+
+def test_chunked_loss_uses_the_head_module_when_zero3_partitions_its_weight():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 10, 8, requires_grad=True)
+    head = nn.Linear(8, 30, bias=False)
+    labels = torch.randint(0, 30, (1, 10))
+    ref = plain_loss(hidden, head.weight, None, labels)
+    head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    loss, _ = causal_lm_loss_sum(hidden, head, labels, chunk_size=4, use_liger=False)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-6)
+    assert calls  # went through the module's forward, where ZeRO-3 gathers the weight
+
+
+def test_chunked_loss_all_ignored_is_zero_and_backward_works():
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    head = nn.Linear(8, 30)
+    labels = torch.full((1, 6), -100)
+    loss, n = causal_lm_loss_sum(hidden, head, labels)
+    assert float(loss.detach()) == 0.0 and int(n) == 0
+    loss.backward()
+    assert hidden.grad is not None and float(hidden.grad.abs().sum()) == 0.0
+
+
+def test_auto_chunk_size():
+    assert auto_chunk_size(103168) == 512
+    assert auto_chunk_size(32000) == 2048
+    assert 128 <= auto_chunk_size(10**7) <= 4096
+
+
+def test_use_liger_true_on_cpu_is_a_user_error():
+    hidden = torch.randn(1, 6, 8)
+    with pytest.raises(TunesmithError):
+        causal_lm_loss_sum(hidden, nn.Linear(8, 30), torch.randint(0, 30, (1, 6)), use_liger=True)
+
+
+def test_model_loss_sum_chunked_matches_plain_on_tiny_lora_model():
+    model = lora(tiny_llama())
+    batch = packed_batch()
+    torch.manual_seed(3)
+    loss_ref, n_ref = model_loss_sum(model, batch, chunked=False)
+    loss_ref.backward()
+    ref = grads(model)
+    model.zero_grad()
+    torch.manual_seed(3)
+    loss, n = model_loss_sum(model, batch, chunked=True, chunk_size=7, use_liger=False)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert int(n) == int(n_ref) > 0
+    assert_close_dicts(grads(model), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_loss_sum_matches_transformers_own_loss():
+    """The plain path itself agrees with transformers' ForCausalLMLoss (mean over the same tokens).
+
+    use_cache=False matters: with a cache, transformers does not derive the packed mask from position_ids and
+    attention crosses samples (model_loss_sum always passes use_cache=False)."""
+    model = tiny_llama()
+    batch = packed_batch()
+    loss, n = model_loss_sum(model, batch, chunked=True, use_liger=False)
+    out = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+    )
+    torch.testing.assert_close(loss / n, out.loss, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- packed attention
+
+
+def test_segments_from_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert segments_from_position_ids(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert segments_from_position_ids(torch.arange(6).view(1, -1)) is None
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_packed_attention_matches_sdpa_and_separate_samples(kv_heads):
+    model = tiny_llama(kv_heads=kv_heads)
+    batch = packed_batch()
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    with torch.no_grad():
+        plain = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        set_attention(model, PACKED_SDPA)
+        assert model.config._attn_implementation == PACKED_SDPA
+        fast = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        # each sample alone, no packing at all
+        alone = []
+        start = 0
+        for n in (5, 9, 3, 7):
+            alone.append(model(input_ids=ids[:, start : start + n]).logits)
+            start += n
+        alone = torch.cat(alone, dim=1)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_gradients_match_plain():
+    batch = packed_batch()
+    ref_model = lora(tiny_llama())
+    fast_model = copy.deepcopy(ref_model)
+    apply_fast_paths(fast_model, _speed(liger_kernel="off", fused_lora=False))
+    assert fast_model.get_base_model().config._attn_implementation == PACKED_SDPA
+    loss_ref, _ = model_loss_sum(ref_model, batch, chunked=False)
+    loss_ref.backward()
+    loss, _ = model_loss_sum(fast_model, batch, chunked=False)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_falls_back_for_padding_masks():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        set_attention(model, PACKED_SDPA)
+        fast = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(fast[mask.bool()], plain[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ fused LoRA
+
+
+def test_fused_lora_matches_peft_with_dropout():
+    batch = packed_batch()
+    ref_model = lora(tiny_llama(), dropout=0.1)
+    fast_model = copy.deepcopy(ref_model)
+    n = apply_fused_lora(fast_model)
+    assert n == 2 * 7
+    ref_model.train()
+    fast_model.train()
+    torch.manual_seed(11)
+    loss_ref, _ = model_loss_sum(ref_model, batch, chunked=False)
+    loss_ref.backward()
+    torch.manual_seed(11)  # same seed: the same dropout masks, drawn in the same order
+    loss, _ = model_loss_sum(fast_model, batch, chunked=False)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+    # parameters and saved keys are untouched; undo restores peft's classes
+    assert set(dict(fast_model.named_parameters())) == set(dict(ref_model.named_parameters()))
+    assert remove_fused_lora(fast_model) == n
+    assert type(fast_model.get_base_model().model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_fused_lora_defers_to_peft_when_adapters_disabled():
+    model = lora(tiny_llama())
+    apply_fused_lora(model)
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        on = model(input_ids=ids).logits
+    remove_fused_lora(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            off_ref = model(input_ids=ids).logits
+    torch.testing.assert_close(off, off_ref)
+    assert not torch.allclose(on, off)
+
+
+# ------------------------------------------------------------------------------ apply_fast_paths, config
+
+
+def _speed(**kw):
+    from tunesmith.config.schema import SpeedSection
+
+    fused = kw.pop("fused_lora", True)
+    return _SpeedWithExtra(SpeedSection(**kw), fused_lora=fused)
+
+
+class _SpeedWithExtra:
+    """A speed section plus the proposed ``fused_lora`` key (not in the schema yet)."""
+
+    def __init__(self, speed, **extra):
+        self._speed = speed
+        self.__dict__.update(extra)
+
+    def __getattr__(self, name):
+        return getattr(self._speed, name)
+
+
+def test_apply_fast_paths_on_cpu_end_to_end_matches_plain():
+    from tunesmith.config.schema import TrainConfig
+
+    cfg = TrainConfig(method="lora")
+    batch = packed_batch()
+    ref_model = lora(tiny_llama(), dropout=0.1)
+    fast_model = apply_fast_paths(copy.deepcopy(ref_model), cfg)
+    info = fast_model.tunesmith_fast_paths
+    assert info["attention"] == PACKED_SDPA
+    assert info["liger"] == {"rms_norm": 0, "swiglu": 0}  # no CUDA here: auto is a clean no-op
+    assert info["fused_lora_layers"] == 14
+    opts = loss_options(cfg)
+    assert opts == {"chunked": True, "use_liger": False}
+    torch.manual_seed(5)
+    loss_ref, n_ref = model_loss_sum(ref_model, batch, chunked=False)
+    loss_ref.backward()
+    torch.manual_seed(5)
+    loss, n = model_loss_sum(fast_model, batch, **opts)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert int(n) == int(n_ref)
+    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+
+
+def test_apply_fast_paths_all_off_leaves_model_alone():
+    from tunesmith.config.schema import TrainConfig
+
+    cfg = TrainConfig(
+        method="lora", speed={"packed_attention": False, "liger_kernel": "off", "chunked_loss": False}
+    )
+    model = lora(tiny_llama())
+    apply_fast_paths(model, _SpeedWithExtra(cfg.speed, fused_lora=False))
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    assert loss_options(cfg) == {"chunked": False, "use_liger": False}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_liger_on_without_cuda_is_a_user_error():
+    model = tiny_llama()
+    assert apply_liger_kernels(model, "auto") == {"rms_norm": 0, "swiglu": 0}
+    with pytest.raises(TunesmithError, match="liger_kernel"):
+        apply_liger_kernels(model, "on")
+
+
+def test_liger_swap_plan_finds_norms_and_mlps_of_a_lora_model():
+    from tunesmith.models.fast.kernels import liger_swap_plan
+
+    model = lora(tiny_llama(layers=3))
+    kinds = [k for _, _, k in liger_swap_plan(model)]
+    assert kinds.count("rms_norm") == 2 * 3 + 1 and kinds.count("swiglu") == 3
+    # norms upcast to fp32 by k-bit preparation (embeddings bf16) are left to HF
+    bf16 = tiny_llama(dtype=torch.bfloat16)
+    bf16.model.norm.weight.data = bf16.model.norm.weight.data.float()
+    kinds = [k for _, _, k in liger_swap_plan(bf16)]
+    assert kinds.count("rms_norm") == 2 * 2 and kinds.count("swiglu") == 2
+
+
+def test_liger_swap_mechanics_with_a_stand_in_liger(monkeypatch):
+    """The swap itself (shared weights, LoRA children kept, same numbers), with a pure-torch stand-in for
+    liger's modules so it runs on CPU; the real kernels are checked by the gpu tests."""
+    import sys
+    import types
+
+    from tunesmith.models.fast import kernels
+
+    class StandInRMSNorm(nn.Module):
+        def __init__(self, hidden_size, eps=1e-6, casting_mode="llama", in_place=True):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(hidden_size))
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            xf = x.float()
+            rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * (xf * rms).to(x.dtype)
+
+    class StandInSiLUMul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return F.silu(a) * b
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            s = torch.sigmoid(a)
+            return g * b * (s * (1 + a * (1 - s))), g * F.silu(a)
+
+    fake_tr = types.ModuleType("liger_kernel.transformers")
+    fake_tr.LigerRMSNorm = StandInRMSNorm
+    fake_ops = types.ModuleType("liger_kernel.ops")
+    fake_ops.LigerSiLUMulFunction = StandInSiLUMul
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake_tr)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops", fake_ops)
+    monkeypatch.setattr(kernels, "use_liger", lambda mode: mode != "off")
+
+    batch = packed_batch()
+    ref = lora(tiny_llama())
+    fast = copy.deepcopy(ref)
+    keys = set(fast.state_dict())
+    assert apply_liger_kernels(fast, "auto") == {"rms_norm": 5, "swiglu": 2}
+    layer = fast.get_base_model().model.layers[0]
+    assert isinstance(layer.input_layernorm, StandInRMSNorm) and isinstance(layer.mlp, kernels.LigerSwiGLU)
+    assert type(layer.mlp.gate_proj).__name__ == "Linear" and hasattr(layer.mlp.gate_proj, "lora_A")
+    assert set(fast.state_dict()) == keys
+    loss_ref, _ = model_loss_sum(ref, batch, chunked=False)
+    loss_ref.backward()
+    loss, _ = model_loss_sum(fast, batch, chunked=False)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert_close_dicts(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_set_checkpointed_layers():
+    model = tiny_llama(layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert set_checkpointed_layers(model, 0) == 4
+    assert set_checkpointed_layers(model, 3) == 1
+    flags = [layer.gradient_checkpointing for layer in model.model.layers]
+    assert flags == [True, False, False, False]
+    assert set_checkpointed_layers(model, 10) == 0
+
+
+def test_auto_keep_activations_from_two_measured_peaks(monkeypatch):
+    from tunesmith.models.fast.checkpointing import auto_keep_activations, layers_within_budget
+
+    model = tiny_llama(layers=8)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gib = 1024**3
+    peaks = iter([10 * gib, 11 * gib])  # all checkpointed: 10 GiB; one layer kept (8 // 8): +1 GiB
+    current = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: current["peak"])
+    calls = []
+
+    def run_step():
+        calls.append([layer.gradient_checkpointing for layer in model.model.layers])
+        current["peak"] = next(peaks)
+
+    keep = auto_keep_activations(model, run_step, budget_bytes=14.5 * gib)
+    assert calls[0] == [True] * 8 and calls[1] == [True] * 7 + [False]
+    assert keep == 4  # (14.5 * 0.97 - 10) // 1 = 4
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True] * 4 + [False] * 4
+    assert layers_within_budget(10, 11, 1, 9, 8) == 0 and layers_within_budget(10, 10.5, 2, 100, 8) == 8
+
+
+# ---------------------------------------------------------------------------------------- GPU (bf16)
+# Each fast path runs in bf16 next to the plain bf16 path, and both are compared with an fp32 copy of the same
+# model (plain path): the fast path's error must stay within twice the plain path's own bf16 error (plus a
+# small floor), for the per-token loss and for every LoRA gradient (relative norm).
+
+
+def _gpu_models():
+    plain = lora(tiny_llama(dtype=torch.bfloat16, device="cuda", vocab=1000, layers=2)).cuda()
+    fast = copy.deepcopy(plain)
+    ref = copy.deepcopy(plain).float()
+    return plain, fast, ref
+
+
+def _gpu_batch():
+    return packed_batch(lengths=(100, 300, 50, 60), vocab=1000, device="cuda")
+
+
+def _run(model, batch, **opts):
+    model.zero_grad(set_to_none=True)
+    loss, n = model_loss_sum(model, batch, **opts)
+    (loss / n).backward()
+    return float(loss.detach() / n), grads(model)
+
+
+def _rel_err(a, b):
+    assert a.keys() == b.keys() and a
+    worst = 0.0
+    for k in a:
+        num = (a[k].float() - b[k].float()).norm()
+        den = b[k].float().norm().clamp_min(1e-12)
+        worst = max(worst, float(num / den))
+    return worst
+
+
+def _check_against_fp32(plain, fast, ref, batch, fast_opts, loss_floor=2e-2, grad_floor=1e-2):
+    l_ref, g_ref = _run(ref, batch, chunked=False)
+    l_plain, g_plain = _run(plain, batch, chunked=False)
+    l_fast, g_fast = _run(fast, batch, **fast_opts)
+    e_loss_plain, e_loss_fast = abs(l_plain - l_ref), abs(l_fast - l_ref)
+    e_grad_plain, e_grad_fast = _rel_err(g_plain, g_ref), _rel_err(g_fast, g_ref)
+    msg = (
+        f"loss err plain {e_loss_plain:.2e} fast {e_loss_fast:.2e}; "
+        f"grad err plain {e_grad_plain:.2e} fast {e_grad_fast:.2e}"
+    )
+    print(msg)
+    assert e_loss_fast <= 2 * e_loss_plain + loss_floor, msg
+    assert e_grad_fast <= 2 * e_grad_plain + grad_floor, msg
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_liger_modules_match_plain():
+    from tunesmith.models.fast.kernels import liger_unavailable_reason
+
+    if liger_unavailable_reason():
+        pytest.skip(liger_unavailable_reason())
+    plain, fast, ref = _gpu_models()
+    assert apply_liger_kernels(fast, "on") == {"rms_norm": 2 * 2 + 1, "swiglu": 2}
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), {"chunked": False})
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_packed_attention_matches_plain():
+    plain, fast, ref = _gpu_models()
+    set_attention(fast, PACKED_SDPA)
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), {"chunked": False})
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("use_liger", [False, True])
+def test_gpu_chunked_and_fused_linear_ce_match_plain(use_liger):
+    from tunesmith.models.fast.kernels import liger_unavailable_reason
+
+    if use_liger and liger_unavailable_reason():
+        pytest.skip(liger_unavailable_reason())
+    plain, fast, ref = _gpu_models()
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), {"chunked": True, "use_liger": use_liger, "chunk_size": 128})
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fused_lora_matches_peft():
+    plain, fast, ref = _gpu_models()
+    assert apply_fused_lora(fast) == 2 * 7
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), {"chunked": False})
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_all_fast_paths_match_plain():
+    from tunesmith.config.schema import TrainConfig
+
+    cfg = TrainConfig(method="lora")
+    plain, fast, ref = _gpu_models()
+    apply_fast_paths(fast, cfg)
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), loss_options(cfg))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_qlora_fast_paths_match_plain():
+    """NF4 base: fused LoRA over bitsandbytes' Linear4bit, liger, packed attention, fused CE."""
+    pytest.importorskip("bitsandbytes")
+    from tunesmith.bench.harness import quantize_nf4
+    from tunesmith.config.schema import TrainConfig
+
+    base = tiny_llama(dtype=torch.bfloat16, device="cuda", vocab=1000, layers=2)
+    quantize_nf4(base, torch.bfloat16)
+    plain = lora(base)
+    fast = copy.deepcopy(plain)
+    cfg = TrainConfig(method="qlora")
+    info = apply_fast_paths(fast, cfg).tunesmith_fast_paths
+    assert info["fused_lora_layers"] == 2 * 7
+    batch = _gpu_batch()
+    l_plain, g_plain = _run(plain, batch, chunked=False)
+    l_fast, g_fast = _run(fast, batch, **loss_options(cfg))
+    assert abs(l_fast - l_plain) < 3e-2
+    assert _rel_err(g_fast, g_plain) < 5e-2

@@ -1,0 +1,67 @@
+"""Activation-checkpointing policy: how many decoder layers keep their activations instead of recomputing.
+
+transformers' decoder layers (``GradientCheckpointingLayer``) each check their own ``gradient_checkpointing``
+flag, so after ``model.gradient_checkpointing_enable(...)`` a policy is just a choice of layers to leave out.
+Every layer left out saves its forward recompute in backward (with no layer checkpointed a LoRA step does about
+4N instead of 6N FLOPs per token) and costs that layer's activations in memory for the whole step.
+:func:`layers_within_budget` turns a memory budget into a layer count from two measured peaks, and
+:func:`auto_keep_activations` measures those peaks and applies the result.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers that can checkpoint themselves, in order."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and type(m).__name__.endswith("Layer")]
+
+
+def set_checkpointed_layers(model: nn.Module, keep_activations: int) -> int:
+    """With checkpointing enabled, let the last ``keep_activations`` layers keep their activations (no
+    recompute). ``0`` = full checkpointing; ``>= number of layers`` = none. Returns the number checkpointed."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    keep = max(0, min(n, keep_activations))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n - keep
+    return n - keep
+
+
+def layers_within_budget(peak_full: float, peak_probe: float, probe_layers: int, budget: float, n_layers: int) -> int:
+    """How many layers may keep activations under ``budget`` bytes, given the peak with full checkpointing and
+    the peak with ``probe_layers`` layers keeping theirs (both measured on the same step)."""
+    if probe_layers <= 0:
+        return 0
+    per_layer = max(1.0, (peak_probe - peak_full) / probe_layers)
+    return int(max(0, min(n_layers, (budget - peak_full) // per_layer)))
+
+
+def auto_keep_activations(model: nn.Module, run_step, budget_bytes: float, probe_layers: int | None = None) -> int:
+    """Measure, then set, how many layers keep their activations within ``budget_bytes`` of CUDA memory.
+
+    ``run_step()`` runs one forward + backward of a representative (longest) micro-batch; it is called twice:
+    all layers checkpointed, then ``probe_layers`` (default an eighth) not. The caller zeroes the gradients
+    afterwards (the probe steps accumulate them). Memory that appears only later (optimizer states before the
+    first ``optimizer.step()``) must already exist or be taken off the budget. A 3 % margin is kept under the
+    budget. Returns the count set.
+    """
+    import torch
+
+    layers = decoder_layers(model)
+    if not torch.cuda.is_available() or not layers:
+        set_checkpointed_layers(model, 0)
+        return 0
+    probe = probe_layers or max(1, len(layers) // 8)
+    peaks = []
+    for keep in (0, probe):
+        set_checkpointed_layers(model, keep)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run_step()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+    keep = layers_within_budget(peaks[0], peaks[1], probe, budget_bytes * 0.97, len(layers))
+    set_checkpointed_layers(model, keep)
+    return keep
