@@ -1,0 +1,132 @@
+"""`check-custom-dataset` and `log-dataset`: look at a config's data before training on it.
+
+- `check_dataset(cfg, tokenizer=None) -> CheckReport`: every record validated (problems listed with file and
+  line), turns per conversation, and with a tokenizer the token-length statistics and histogram after
+  templating plus how many samples exceed max_length (and how they would be truncated).
+- `CheckReport.format() -> str`, `CheckReport.ok`.
+- `show_samples(cfg, tokenizer, show="all", n=2, packed=None) -> str`: the first samples after templating
+  (and packing when cfg packs): `text`, `masked_text` (what has loss; masked runs shown as `[masked: N]`),
+  `input_ids`, `labels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tunesmith.data.conversation import with_default_system
+from tunesmith.data.encode import IGNORE_INDEX, encode_records
+from tunesmith.data.readers import Problem, ReadStats, check_records, get_format
+from tunesmith.data.templates import get_template, resolve_system
+
+SHOW_CHOICES = ("text", "masked_text", "input_ids", "labels", "all")
+
+
+@dataclass
+class CheckReport:
+    path: str
+    format_name: str
+    read: ReadStats
+    problems: list[Problem]
+    max_length: int
+    lengths: list[int] = field(default_factory=list)
+    truncated: dict[str, int] = field(default_factory=dict)
+    dropped_after_encoding: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.read.conversations > 0
+
+    @property
+    def over_max_length(self) -> int:
+        return sum(1 for n in self.lengths if n > self.max_length)
+
+    def histogram(self, bins: int = 8) -> list[tuple[int, int, int]]:
+        if not self.lengths:
+            return []
+        hi = max(max(self.lengths), self.max_length)
+        edges = np.linspace(0, hi, bins + 1).astype(int)
+        counts, _ = np.histogram(self.lengths, bins=edges)
+        return [(int(edges[i]), int(edges[i + 1]), int(counts[i])) for i in range(bins)]
+
+    def format(self) -> str:
+        r = self.read
+        out = [f"{self.path} (format {self.format_name}): {r.records_read} records, {r.conversations} usable "
+               f"conversations"]
+        if r.turns_histogram:
+            turns = ", ".join(f"{k}: {v}" for k, v in sorted(r.turns_histogram.items()))
+            out.append(f"turns per conversation: {turns}")
+        drops = {k: v for k, v in r.dropped.items() if k != "invalid record"}
+        if drops:
+            out.append("dropped by the format: " + ", ".join(f"{k}: {v}" for k, v in drops.items()))
+        if self.problems:
+            out.append(f"{len(self.problems)} problem(s):")
+            out += [f"  {p.where}: {p.message}" for p in self.problems]
+        if self.lengths:
+            arr = np.asarray(self.lengths)
+            out.append(f"tokens per sample: min {arr.min()}, mean {arr.mean():.0f}, median {int(np.median(arr))}, "
+                       f"p95 {int(np.percentile(arr, 95))}, max {arr.max()}")
+            width = max(c for _, _, c in self.histogram()) or 1
+            for lo, hi, c in self.histogram():
+                out.append(f"  {lo:>6}-{hi:<6} {c:>6} {'#' * max(0, round(40 * c / width))}")
+            out.append(f"longer than max_length {self.max_length}: {self.over_max_length}"
+                       + (f" (would be truncated: {', '.join(f'{k}: {v}' for k, v in self.truncated.items())})"
+                          if self.truncated else ""))
+        if self.dropped_after_encoding:
+            out.append("dropped after tokenizing: " + ", ".join(f"{k}: {v}" for k, v in
+                                                                self.dropped_after_encoding.items()))
+        out.append("OK" if self.ok else "NOT OK: fix the problems above")
+        return "\n".join(out)
+
+
+def check_dataset(cfg: Any, tokenizer: Any = None) -> CheckReport:
+    d = cfg.data
+    fmt = get_format(d.format)
+    template = get_template(d.prompt_template)
+    system = resolve_system(d.system, d.system_template)
+    records, stats, problems = check_records(d.path, fmt, name=d.name, split=d.split)
+    report = CheckReport(d.path, fmt.name, stats, problems, d.max_length)
+    if tokenizer is not None and records:
+        convs = [with_default_system(r.turns, system) if fmt.kind == "chat" else r.turns for r in records]
+        _, est = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind)
+        report.lengths = est.lengths
+        report.truncated = dict(est.truncated)
+        report.dropped_after_encoding = dict(est.dropped)
+    return report
+
+
+def masked_text(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray) -> str:
+    parts, i, n = [], 0, len(input_ids)
+    while i < n:
+        j = i
+        loss = labels[i] != IGNORE_INDEX
+        while j < n and (labels[j] != IGNORE_INDEX) == loss:
+            j += 1
+        parts.append(tokenizer.decode([int(x) for x in input_ids[i:j]]) if loss else f"[masked: {j - i}]")
+        i = j
+    return "".join(parts)
+
+
+def show_samples(cfg: Any, tokenizer: Any, show: str = "all", n: int = 2) -> str:
+    from tunesmith.data.dataset import build_train_dataset
+
+    dataset, stats = build_train_dataset(cfg, tokenizer)
+    out = [stats.summary()]
+    for k in range(min(n, len(dataset))):
+        item = dataset[k]
+        ids, labels = item["input_ids"].numpy(), item["labels"].numpy()
+        title = f"--- {'packed sequence' if dataset.packed else 'sample'} {k} ({len(ids)} tokens"
+        if dataset.packed:
+            title += f", {int((item['position_ids'] == 0).sum())} samples"
+        out.append(title + ") ---")
+        if show in ("text", "all"):
+            out += ["[text]", tokenizer.decode([int(x) for x in ids])]
+        if show in ("masked_text", "all"):
+            out += ["[masked_text]", masked_text(tokenizer, ids, labels)]
+        if show in ("input_ids", "all"):
+            out += ["[input_ids]", str(ids.tolist())]
+        if show in ("labels", "all"):
+            out += ["[labels]", str(labels.tolist())]
+    return "\n".join(out)

@@ -1,0 +1,216 @@
+"""Build the training dataset from a TrainConfig: read -> template -> tokenize (cached) -> pack.
+
+Public API (what `train/` calls):
+
+    # rank 0 first, then the other ranks (a cache hit); progress(done, total) while tokenizing
+    dataset, stats = build_train_dataset(cfg, tokenizer, progress=None)
+    loader = make_dataloader(dataset, cfg, seed=cfg.training.seed, epoch=e, rank=r, world_size=w,
+                             start_index=samples_done_this_epoch)  # from tunesmith.data.pack
+
+`dataset` is a map-style torch dataset (`PackedDataset` when cfg.data.pack_to_max_length, else
+`SampleDataset`) with `.lengths`, `.packed` and `.pad_token_id`; `stats` is a `DataStats` (records read,
+dropped with reasons, truncated, samples, packed sequences, pad fraction, tokens, loss tokens, cache).
+
+Cache: tokenized samples live in `<root>/<key>/samples.npz` (+ `stats.json`), no pickle; root is
+cfg.data.cache_dir, else `$TUNESMITH_CACHE/datasets`, else `~/.cache/tunesmith/datasets`. The key hashes the
+data files' bytes (or the hub id), the tokenizer (vocabulary, special tokens, chat template), the template,
+the format, the system prompt, max_length, max_dataset_length and ENCODE_VERSION. Packing is cheap and is
+redone every run (it depends on the seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunesmith.data.conversation import with_default_system
+from tunesmith.data.encode import ENCODE_VERSION, Encoded, EncodeStats, encode_records
+from tunesmith.data.pack import PackedDataset, SampleDataset, pack_bins
+from tunesmith.data.readers import get_format, read_records
+from tunesmith.data.sources import data_files
+from tunesmith.data.templates import get_template, resolve_system
+from tunesmith.files import atomic_path
+
+
+@dataclass
+class DataStats:
+    records_read: int = 0
+    conversations: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+    packed_sequences: int = 0
+    pad_fraction: float = 0.0
+    tokens: int = 0
+    loss_tokens: int = 0
+    max_length: int = 0
+    turns_histogram: dict[str, int] = field(default_factory=dict)
+    cache_hit: bool = False
+    cache_path: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        truncated = sum(self.truncated.values())
+        lines = [
+            f"records read {self.records_read}, conversations {self.conversations}, samples {self.samples}, "
+            f"tokens {self.tokens} ({self.loss_tokens} with loss)",
+            f"dropped {dropped}" + (f" ({', '.join(f'{k}: {v}' for k, v in self.dropped.items())})" if dropped else ""),
+            f"truncated to max_length {self.max_length}: {truncated}"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in self.truncated.items())})" if truncated else ""),
+        ]
+        if self.packed_sequences:
+            lines.append(f"packed into {self.packed_sequences} sequences, pad fraction {self.pad_fraction:.2%}")
+        if self.cache_path:
+            lines.append(("cache hit: " if self.cache_hit else "cached at: ") + self.cache_path)
+        return "\n".join(lines)
+
+
+def cache_root(cfg: Any = None) -> Path:
+    if cfg is not None and cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser()
+    if os.environ.get("TUNESMITH_CACHE"):
+        return Path(os.environ["TUNESMITH_CACHE"]).expanduser() / "datasets"
+    return Path("~/.cache/tunesmith/datasets").expanduser()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+                   getattr(tokenizer, "chat_template", None), type(tokenizer).__name__)).encode())
+    return h.hexdigest()
+
+
+def data_fingerprint(path: str, name: str | None, split: str | None) -> str:
+    p = Path(path).expanduser()
+    h = hashlib.sha256()
+    if p.exists():
+        for f in data_files(p, split):
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    else:
+        h.update(f"hub:{path}:{name}:{split}".encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: Any, tokenizer: Any) -> str:
+    d = cfg.data
+    template = get_template(d.prompt_template)
+    parts = {
+        "v": ENCODE_VERSION, "data": data_fingerprint(d.path, d.name, d.split), "format": d.format,
+        "template": repr(template), "system": resolve_system(d.system, d.system_template),
+        "max_length": d.max_length, "max_dataset_length": d.max_dataset_length,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _save(folder: Path, samples: list[Encoded], meta: dict[str, Any]) -> None:
+    lengths = np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.concatenate([s.input_ids for s in samples]) if samples else np.zeros(0, np.int32)
+    labels = np.concatenate([s.labels for s in samples]) if samples else np.zeros(0, np.int32)
+    with atomic_path(folder, is_dir=True) as tmp:
+        np.savez(tmp / "samples.npz", input_ids=ids.astype(np.int32), labels=labels.astype(np.int32), offsets=offsets)
+        (tmp / "stats.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def _load(folder: Path) -> tuple[list[Encoded], dict[str, Any]] | None:
+    try:
+        meta = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+        with np.load(folder / "samples.npz", allow_pickle=False) as z:
+            ids, labels, offsets = z["input_ids"], z["labels"], z["offsets"]
+    except (OSError, ValueError, KeyError):
+        return None
+    samples = [Encoded(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return samples, meta
+
+
+def validate_data_names(cfg: Any) -> None:
+    """Fail fast (before loading a tokenizer or reading data) on unknown format / template / system names."""
+    get_format(cfg.data.format)
+    get_template(cfg.data.prompt_template)
+    resolve_system(cfg.data.system, cfg.data.system_template)
+
+
+def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[list[Encoded], DataStats]:
+    """Read, template and tokenize cfg.data (from the cache when the same inputs were tokenized before).
+    `progress(done, total)` reports tokenization (conversations) for a progress bar."""
+    d = cfg.data
+    fmt = get_format(d.format)  # unknown names fail before any reading
+    template = get_template(d.prompt_template)
+    system = resolve_system(d.system, d.system_template)
+    start = time.perf_counter()
+    folder = cache_root(cfg) / cache_key(cfg, tokenizer) if use_cache else None
+    if folder is not None and (hit := _load(folder)) is not None:
+        samples, meta = hit
+        stats = DataStats(**{k: v for k, v in meta.items() if k in DataStats.__dataclass_fields__})
+        stats.cache_hit, stats.cache_path = True, str(folder)
+        stats.seconds = time.perf_counter() - start
+        return samples, stats
+    records, rstats = read_records(d.path, fmt, name=d.name, split=d.split, max_records=d.max_dataset_length)
+    convs = [with_default_system(r.turns, system) if fmt.kind == "chat" else r.turns for r in records]
+    report = (lambda n: progress(n, len(convs))) if progress is not None else None
+    samples, estats = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind,
+                                     progress=report)
+    stats = _merge(rstats.as_dict(), estats, d.max_length)
+    if folder is not None:
+        stats.cache_path = str(folder)
+        _save(folder, samples, stats.as_dict())
+    stats.seconds = time.perf_counter() - start
+    return samples, stats
+
+
+def _merge(read: dict[str, Any], enc: EncodeStats, max_length: int) -> DataStats:
+    dropped = dict(read["dropped"])
+    for k, v in enc.dropped.items():
+        dropped[k] = dropped.get(k, 0) + v
+    return DataStats(records_read=read["records_read"], conversations=read["conversations"], dropped=dropped,
+                     truncated=dict(enc.truncated), samples=enc.samples, tokens=enc.tokens,
+                     loss_tokens=enc.loss_tokens, max_length=max_length,
+                     turns_histogram={str(k): v for k, v in read["turns_histogram"].items()})
+
+
+def pack_dataset(samples: list[Encoded], max_length: int, *, seed: int | None) -> PackedDataset:
+    bins = pack_bins([len(s.input_ids) for s in samples], max_length, seed=seed)
+    return PackedDataset(samples, bins)
+
+
+def build_train_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> tuple[PackedDataset | SampleDataset, DataStats]:
+    """The training dataset of cfg (see the module docstring) and its statistics; `progress(done, total)`
+    is called while tokenizing (not on a cache hit)."""
+    samples, stats = tokenize_dataset(cfg, tokenizer, use_cache=use_cache, progress=progress)
+    d = cfg.data
+    if d.pack_to_max_length:
+        dataset: PackedDataset | SampleDataset = pack_dataset(
+            samples, d.max_length, seed=cfg.training.seed if d.shuffle_before_pack else None)
+        stats.packed_sequences = len(dataset)
+        capacity = len(dataset) * d.max_length
+        stats.pad_fraction = 1.0 - stats.tokens / capacity if capacity else 0.0
+    else:
+        dataset = SampleDataset(samples)
+        stats.packed_sequences = 0
+        stats.pad_fraction = 0.0
+    dataset.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dataset, stats

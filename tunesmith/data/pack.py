@@ -1,0 +1,223 @@
+"""Packing, collation and samplers: encoded samples -> training batches (docs/internals.md contract).
+
+- `pack_bins(lengths, max_length, *, seed=None) -> list[list[int]]`: best-fit-decreasing bin packing of sample
+  indices; every sample lands in exactly one bin (nothing dropped, unlike XTuner's Packer), no bin exceeds
+  max_length, samples are never split. With a seed the bin order is shuffled.
+- `PackedDataset(samples, bins)` / `SampleDataset(samples)`: map-style datasets (torch-compatible); an item
+  is a dict of int64 tensors `input_ids`, `labels`, `position_ids` (restarting at 0 for each packed sample);
+  the first label of every packed sample is -100 (nothing predicts across a boundary).
+- `collate(items, pad_token_id, packed)`: pads to the longest row. Packed rows: padding gets its own
+  position run (a separate "document" no real token attends to), no attention_mask. Unpacked rows with
+  padding: `attention_mask`. Always `num_loss_tokens` = label positions that count after the causal shift.
+- `LengthGroupedSampler(lengths, batch_size, seed, ...)` for unpacked runs; `EpochSampler` for packed runs;
+  both are deterministic per (seed, epoch), shard by (rank, world_size) and resume at `start_index`.
+- `make_dataloader(dataset, cfg, *, seed, epoch, rank=0, world_size=1, start_index=0) -> DataLoader`.
+- `cu_seqlens_from_position_ids(position_ids)` for varlen attention kernels.
+
+Attention isolation: transformers 5 (masking_utils.find_packed_sequence_indices) derives a block-diagonal
+causal mask from position_ids that restart, in the sdpa / eager / flex / flash paths, when no
+attention_mask and no KV cache are passed — the training forward must use `use_cache=False`
+(tests/data/test_pack.py checks packed == unpacked loss).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tunesmith.data.encode import IGNORE_INDEX, Encoded
+
+
+def pack_bins(lengths: Sequence[int], max_length: int, *, seed: int | None = None) -> list[list[int]]:
+    """Best-fit decreasing: each sample (longest first) goes into the fullest bin it still fits in."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin id)
+    for i in order:
+        n = int(lengths[i])
+        if n > max_length:
+            raise ValueError(f"sample {i} has {n} tokens > max_length {max_length} (encode truncates first)")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            cap, b = free.pop(k)
+            bins[b].append(i)
+            cap -= n
+        else:
+            b = len(bins)
+            bins.append([i])
+            cap = max_length - n
+        if cap > 0:
+            bisect.insort(free, (cap, b))
+    if seed is not None:
+        rng = random.Random(seed)
+        rng.shuffle(bins)
+        for b in bins:
+            rng.shuffle(b)
+    return bins
+
+
+def _item(ids: np.ndarray, labels: np.ndarray, positions: np.ndarray) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels.astype(np.int64)),
+            "position_ids": torch.from_numpy(positions.astype(np.int64))}
+
+
+class SampleDataset(Dataset):
+    """One encoded sample per item (unpacked training)."""
+
+    packed = False
+
+    def __init__(self, samples: Sequence[Encoded]):
+        self.samples = list(samples)
+        self.lengths = [len(s.input_ids) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.samples[i]
+        return _item(s.input_ids, s.labels, np.arange(len(s.input_ids)))
+
+
+class PackedDataset(Dataset):
+    """Several encoded samples per item, concatenated; positions restart per sample."""
+
+    packed = True
+
+    def __init__(self, samples: Sequence[Encoded], bins: Sequence[Sequence[int]]):
+        self.samples = list(samples)
+        self.bins = [list(b) for b in bins]
+        self.lengths = [sum(len(self.samples[i].input_ids) for i in b) for b in self.bins]
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        parts = [self.samples[j] for j in self.bins[i]]
+        ids = np.concatenate([p.input_ids for p in parts])
+        labels = np.concatenate([p.labels for p in parts])
+        positions = np.concatenate([np.arange(len(p.input_ids)) for p in parts])
+        labels[positions == 0] = IGNORE_INDEX  # never predict a sample's first token from the previous one
+        return _item(ids, labels, positions)
+
+
+def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int, packed: bool,
+            pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    lengths = [len(it["input_ids"]) for it in items]
+    width = max(lengths)
+    width = int(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of)
+    n = len(items)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    for r, it in enumerate(items):
+        k = lengths[r]
+        input_ids[r, :k] = it["input_ids"]
+        labels[r, :k] = it["labels"]
+        position_ids[r, :k] = it["position_ids"]
+        position_ids[r, k:] = torch.arange(width - k)  # padding: its own run of positions
+    batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if not packed and any(k < width for k in lengths):
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, k in enumerate(lengths):
+            mask[r, :k] = 1
+        batch["attention_mask"] = mask
+    batch["num_loss_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return batch
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative sequence lengths (int32, starting at 0) of the flattened batch, for varlen kernels."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+def _shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    if world_size == 1:
+        return indices
+    total = int(math.ceil(len(indices) / world_size)) * world_size
+    indices = indices + indices[: total - len(indices)]  # repeat a few so every rank gets the same count
+    return indices[rank:total:world_size]
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded over ranks, resumable at `start_index` (this rank's position)."""
+
+    def __init__(self, n: int, *, seed: int, epoch: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 start_index: int = 0):
+        order = list(range(n))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        self.indices = _shard(order, rank, world_size)[start_index:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random megabatches (mega_batch_mult x global batch), each sorted longest first, the longest sample of the
+    epoch first (an early out-of-memory, not a late one), as XTuner's LengthGroupedSampler."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, start_index: int = 0, mega_batch_mult: int | None = None):
+        n = len(lengths)
+        total_batch = batch_size * world_size
+        if mega_batch_mult is None:
+            mega_batch_mult = max(1, min(n // max(1, total_batch * 4), 50))
+        mega = mega_batch_mult * total_batch
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        groups = [sorted(order[i:i + mega], key=lambda j: -lengths[j]) for i in range(0, n, mega)]
+        if groups:
+            longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+            groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]
+        flat = [i for g in groups for i in g]
+        # deal whole global batches out so each rank's micro-batch holds similar lengths
+        flat = flat + flat[: (-len(flat)) % total_batch] if world_size > 1 else flat
+        mine = []
+        for b in range(0, len(flat), total_batch):
+            chunk = flat[b:b + total_batch]
+            mine += chunk[rank * batch_size:(rank + 1) * batch_size]
+        self.indices = mine[start_index:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Collate:
+    def __init__(self, pad_token_id: int, packed: bool):
+        self.pad_token_id, self.packed = pad_token_id, packed
+
+    def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        return collate(items, self.pad_token_id, self.packed)
+
+
+def make_dataloader(dataset: SampleDataset | PackedDataset, cfg: Any, *, seed: int, epoch: int, rank: int = 0,
+                    world_size: int = 1, start_index: int = 0, pad_token_id: int | None = None) -> DataLoader:
+    """Batches of `cfg.training.batch_size` following the training-batch contract. `start_index` is the number
+    of samples this rank already consumed in this epoch (resume). Pad id: `pad_token_id`, else
+    `dataset.pad_token_id` (set by build_train_dataset), else 0 (labels and masks never depend on it)."""
+    bs = cfg.training.batch_size
+    if dataset.packed:
+        sampler: Sampler[int] = EpochSampler(len(dataset), seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                             start_index=start_index)
+    else:
+        sampler = LengthGroupedSampler(dataset.lengths, bs, seed=seed, epoch=epoch, rank=rank,
+                                       world_size=world_size, start_index=start_index)
+    pad = pad_token_id if pad_token_id is not None else getattr(dataset, "pad_token_id", None)
+    return DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=cfg.data.num_workers,
+                      collate_fn=_Collate(0 if pad is None else int(pad), dataset.packed), drop_last=False,
+                      persistent_workers=False)
