@@ -1,0 +1,28 @@
+"""Run by test_deepspeed.py in a fresh process per training (DeepSpeed keeps process-wide state):
+`full` trains 4 steps with a ZeRO stage (checkpoints at 2 and 4); `resume` continues a copy from step 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import tiny_config  # noqa: E402
+
+from tunesmith.train import train  # noqa: E402
+
+mode, stage, model_dir, data_file, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+cfg = tiny_config(model_dir, data_file, out / "cache", training={"max_steps": 4, "save_steps": 2},
+                  evaluation={"inputs": ["hello"], "every_n_steps": 2, "max_new_tokens": 4})
+if mode == "full":
+    result = train(cfg, work_dir=out / "full", deepspeed=stage, progress=False)
+else:
+    shutil.copytree(out / "full", out / "resumed", ignore=shutil.ignore_patterns("iter_4.pth", "last_checkpoint"))
+    result = train(cfg, work_dir=out / "resumed", resume=str(out / "resumed" / "iter_2.pth"), deepspeed=stage,
+                   progress=False)
+print("RESULT " + json.dumps({"losses": result.losses}))

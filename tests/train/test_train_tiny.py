@@ -1,0 +1,111 @@
+"""End-to-end training on a tiny random Llama (in-process): LoRA, full, QLoRA; logs, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunesmith.errors import TunesmithError
+from tunesmith.train import train
+
+
+def _records(work):
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_writes_everything(make_cfg, tmp_path):
+    cfg = make_cfg()
+    work = tmp_path / "work"
+    result = train(cfg, work_dir=work, progress=False)
+    assert result.steps == result.total_steps > 4
+    recs = _records(work)
+    assert [r["step"] for r in recs] == list(range(1, result.steps + 1))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "memory_gb", "epoch"} <= recs[0].keys()
+    first, last = recs[0]["loss"], min(r["loss"] for r in recs[-3:])
+    assert last < first, (first, last)
+    for name in ("loss.png", "config.yaml", "environment.json", "last_checkpoint", "eval_outputs/step_0.txt",
+                 "eval_outputs/step_4.txt", f"eval_outputs/step_{result.steps}.txt"):
+        assert (work / name).exists(), name
+    assert list((work / "tensorboard").iterdir())
+    ep = work / "epoch_2.pth"
+    assert (work / "epoch_1.pth").is_dir() and ep.is_dir()
+    assert (work / "last_checkpoint").read_text().strip() == str(ep)
+    meta = json.loads((ep / "meta.json").read_text())
+    assert meta["format"] == "tunesmith-checkpoint" and meta["method"] == "lora" and meta["step"] == result.steps
+    assert sorted(p.name for p in ep.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                    "config.yaml", "meta.json", "optimizer.safetensors",
+                                                    "trainer_state.json"]
+    # the adapter is in PEFT's saved layout: peft can load it onto the base model
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(ep))
+    saved = load_file(str(ep / "adapter_model.safetensors"))
+    live = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(live) > 0
+    assert not any(".pth" in p.name for p in work.glob(".*"))  # no temporaries left
+
+
+def test_full_finetune_run(make_cfg, tmp_path):
+    cfg = make_cfg(method="full", training={"max_steps": 3, "lr": 1e-3, "save_steps": 2},
+                   evaluation={"inputs": []})
+    work = tmp_path / "work"
+    result = train(cfg, work_dir=work, progress=False)
+    assert result.steps == 3
+    assert sorted(p.name for p in work.glob("*.pth")) == ["iter_2.pth", "iter_3.pth"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(work / "iter_3.pth" / "model.safetensors"))
+    assert "model.embed_tokens.weight" in weights and "lm_head.weight" in weights  # HF names, untied head
+    assert not (work / "iter_3.pth" / "adapter_config.json").exists()
+
+
+def test_qlora_run(make_cfg, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(method="qlora", training={"max_steps": 2}, evaluation={"inputs": []})
+    result = train(cfg, work_dir=tmp_path / "work", progress=False)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert (tmp_path / "work" / "iter_2.pth" / "adapter_model.safetensors").exists()
+
+
+def test_resume_with_other_config_is_refused(make_cfg, tmp_path):
+    work = tmp_path / "work"
+    train(make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}), work_dir=work, progress=False)
+    other = make_cfg(training={"max_steps": 2, "lr": 1e-2}, evaluation={"inputs": []})
+    with pytest.raises(TunesmithError, match="different config"):
+        train(other, work_dir=work, resume="auto", progress=False)
+
+
+def test_nan_loss_stops_with_step(make_cfg, tmp_path, monkeypatch):
+    from tunesmith.train import loss as loss_mod
+
+    real = loss_mod.CausalLMLoss.forward
+
+    def nan_forward(self, batch):
+        s, n = real(self, batch)
+        return s * float("nan"), n
+
+    monkeypatch.setattr(loss_mod.CausalLMLoss, "forward", nan_forward)
+    with pytest.raises(TunesmithError, match=r"loss became nan at step 1"):
+        train(make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}), work_dir=tmp_path / "w",
+              progress=False)
+
+
+def test_out_of_memory_names_what_to_lower(make_cfg, tmp_path, monkeypatch):
+    from tunesmith.train import loss as loss_mod
+
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loss_mod.CausalLMLoss, "forward", oom)
+    with pytest.raises(TunesmithError) as info:
+        train(make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}), work_dir=tmp_path / "w",
+              progress=False)
+    text = str(info.value)
+    for setting in ("out of memory", "training.batch_size", "data.max_length", "gradient_checkpointing",
+                    "deepspeed_zero", "quantization.bits=4"):
+        assert setting in text, setting

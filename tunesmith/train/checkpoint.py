@@ -1,0 +1,219 @@
+"""Checkpoints: ``work_dir/epoch_N.pth/`` and ``work_dir/iter_N.pth/`` folders (docs/internals.md).
+
+::
+
+    meta.json                      format, version, method, epoch, step, config_hash, base_model, data position
+    config.yaml                    the resolved config
+    adapter_model.safetensors      LoRA / QLoRA: PEFT's own layout (get_peft_model_state_dict keys)
+    adapter_config.json
+    model.safetensors              full fine-tuning: HF state-dict names of the base model
+    optimizer.safetensors          optimizer tensors ("state.<param index>.<name>"); under ZeRO with several
+                                   ranks one file per rank: optimizer.rank<R>.safetensors
+    trainer_state.json             optimizer scalars + param groups, schedule, RNG states (per rank), data
+                                   position, grad scaler
+
+No pickle anywhere. A checkpoint is written into a temporary sibling folder and renamed into place
+(`tunesmith.files.atomic_path`), so a kill or a full disk at any moment leaves the previous one intact;
+`last_checkpoint` (a text file with the newest checkpoint's path) is replaced atomically after that.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunesmith.errors import TunesmithError
+from tunesmith.files import atomic_path, write_text_atomic
+
+FORMAT = "tunesmith-checkpoint"
+VERSION = 1
+LAST = "last_checkpoint"
+_ITER = re.compile(r"^iter_(\d+)\.pth$")
+_EPOCH = re.compile(r"^epoch_(\d+)\.pth$")
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states as JSON-able lists."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------------------- save / load
+def save_checkpoint(
+    path: Path,
+    *,
+    meta: dict[str, Any],
+    config_yaml: str,
+    weights: dict[str, torch.Tensor],
+    weights_file: str,
+    adapter_config: dict[str, Any] | None,
+    optimizer_tensors: list[dict[str, torch.Tensor]],
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write one checkpoint folder atomically. `optimizer_tensors` holds one dict per rank (one for
+    replicated optimizers: single process, DDP) -- more than one only for sharded ZeRO states."""
+    path = Path(path)
+    with atomic_path(path, is_dir=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / weights_file))
+        if adapter_config is not None:
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True),
+                                                     encoding="utf-8")
+        if len(optimizer_tensors) == 1:
+            save_file(optimizer_tensors[0], str(tmp / "optimizer.safetensors"))
+        else:
+            for rank, tensors in enumerate(optimizer_tensors):
+                save_file(tensors, str(tmp / f"optimizer.rank{rank}.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state), encoding="utf-8")
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        # meta.json last: a folder with meta.json is complete even if someone copies it half-way
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2),
+                                       encoding="utf-8")
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise TunesmithError(f"checkpoint {path} does not exist or is not a folder",
+                             "pass a work_dir/epoch_N.pth or iter_N.pth folder, or --resume auto")
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TunesmithError(f"checkpoint {path} has no readable meta.json",
+                             "it is not a tunesmith checkpoint (or an incomplete copy of one)") from exc
+    if meta.get("format") != FORMAT:
+        raise TunesmithError(f"{path}/meta.json is not a tunesmith checkpoint (format {meta.get('format')!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise TunesmithError(f"checkpoint {path} has format version {meta['version']}, newer than this tunesmith",
+                             "upgrade tunesmith")
+    return meta
+
+
+def load_checkpoint(path: Path, *, rank: int = 0) -> dict[str, Any]:
+    """Everything of a checkpoint folder, as plain objects: meta, weights, optimizer (tensors + rest), state."""
+    path = Path(path)
+    meta = read_meta(path)
+    weights_file = "adapter_model.safetensors" if (path / "adapter_model.safetensors").exists() else "model.safetensors"
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    opt_file = path / "optimizer.safetensors"
+    if not opt_file.exists():
+        opt_file = path / f"optimizer.rank{rank}.safetensors"
+    if not opt_file.exists():
+        raise TunesmithError(f"checkpoint {path} has no optimizer state for rank {rank}",
+                             "resume with the same number of processes the checkpoint was written with")
+    return {
+        "meta": meta,
+        "weights": load_file(str(path / weights_file)),
+        "weights_file": weights_file,
+        "optimizer_tensors": load_file(str(opt_file)),
+        "trainer_state": state,
+    }
+
+
+def check_config_hash(meta: dict[str, Any], expected: str, path: Path) -> None:
+    if meta.get("config_hash") != expected:
+        raise TunesmithError(
+            f"checkpoint {path} was written by a different config (hash {meta.get('config_hash')}, "
+            f"this config {expected})",
+            "resume with the config saved in that checkpoint (its config.yaml), or start a new --work-dir",
+        )
+
+
+# ----------------------------------------------------------------------------------------- bookkeeping
+def write_last_checkpoint(work_dir: Path, path: Path) -> None:
+    write_text_atomic(Path(work_dir) / LAST, str(Path(path).resolve()) + "\n")
+
+
+def find_last_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint `last_checkpoint` names (falls back to the newest complete folder)."""
+    work_dir = Path(work_dir)
+    marker = work_dir / LAST
+    if marker.exists():
+        named = Path(marker.read_text(encoding="utf-8").strip())
+        if not named.is_absolute():
+            named = work_dir / named
+        if (named / "meta.json").exists():
+            return named
+    candidates = []
+    for p in work_dir.glob("*.pth"):
+        if (p / "meta.json").exists():
+            try:
+                candidates.append((int(json.loads((p / "meta.json").read_text())["step"]), p))
+            except (OSError, ValueError, KeyError):
+                continue
+    return max(candidates)[1] if candidates else None
+
+
+def rotate_iter_checkpoints(work_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` iter_N.pth folders (epoch_N.pth are never deleted)."""
+    if keep is None:
+        return []
+    found = sorted((int(m.group(1)), p) for p in Path(work_dir).iterdir() if (m := _ITER.match(p.name)))
+    removed = []
+    for _, p in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def remove_stale_temporaries(work_dir: Path) -> None:
+    """Folders a killed save left behind (`.iter_N.pth.tmp-*`)."""
+    for p in Path(work_dir).glob(".*.pth.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(work_dir).glob(".*.pth.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
