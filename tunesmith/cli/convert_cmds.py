@@ -1,0 +1,151 @@
+"""`convert pth_to_hf`, `convert merge`, `convert split`: parse, call tunesmith.export, print."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import typer
+
+convert_app = typer.Typer(
+    name="convert",
+    help="Turn checkpoints into Hugging Face folders: pth_to_hf, merge (adapter into base), split.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+PTH_TO_HF_HELP = """Convert a training checkpoint (work_dir/epoch_N.pth) into a Hugging Face folder.
+
+LoRA / QLoRA checkpoints become a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that
+peft.PeftModel.from_pretrained loads, with the base model's tokenizer carrying the training prompt template as
+its chat_template; no model weights are loaded for this (QLoRA never quantizes the base again). Full
+fine-tuning checkpoints become a complete model folder (the base's config, weights sharded by
+--max-shard-size). The config is copied beside it as tunesmith_config.yaml; a config other than the one that
+trained the checkpoint is refused. Checkpoints trained under DeepSpeed ZeRO are read the same way.
+
+Weights are saved as fp16 unless --fp32. Tensors already in bf16 stay bf16: fp16's smaller range could
+overflow values bf16 holds, and bf16 is already half the size of fp32.
+
+\b
+Example:
+  tunesmith convert pth_to_hf ./internlm_chat_7b_qlora_oasst1_e3_copy.yaml \\
+      ./work_dirs/internlm_chat_7b_qlora_oasst1_e3_copy/epoch_3.pth ./hf
+"""
+
+MERGE_HELP = """Merge a LoRA / QLoRA adapter into its base model and save a complete model.
+
+Streams shard by shard: each base tensor is read, gets scale * B @ A added (in fp32; on the GPU with
+--device cuda / auto when there is one), and is written to the output shard at once, so memory stays at about
+the adapter plus one tensor instead of the whole model. Trained biases and modules_to_save are applied too.
+The base must be the full-precision model (for a QLoRA adapter: the original, not a 4-bit copy). InternLM
+v1 / v2 bases are written back in their own layout. The output gets the index, config, generation config and
+the tokenizer with the adapter's chat template (when the adapter folder has one, as pth_to_hf writes).
+The base's own code is never run, so --trust-remote-code is accepted for XTuner compatibility only.
+
+\b
+Example:
+  tunesmith convert merge ./internlm-chat-7b ./hf ./merged --max-shard-size 2GB
+"""
+
+SPLIT_HELP = """Rewrite a model folder with one shard per tensor (safetensors or .bin, no GPU needed).
+
+Other files (config, tokenizer, ...) are copied and the index is written.
+
+\b
+Example:
+  tunesmith convert split ./merged ./merged-split
+"""
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar with rate and ETA (only when writing to a terminal)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda done, total: None
+        return
+    progress = Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=console, transient=True)
+    task = progress.add_task(description, total=None)
+    with progress:
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@convert_app.command("pth_to_hf", help=PTH_TO_HF_HELP)
+def pth_to_hf_cmd(
+    config: str = typer.Argument(..., help="The config the checkpoint was trained with (YAML path or recipe name)."),
+    pth: Path = typer.Argument(..., help="Checkpoint folder: work_dir/epoch_N.pth or iter_N.pth."),
+    save_dir: Path = typer.Argument(..., help="Output folder."),
+    fp32: bool = typer.Option(False, "--fp32", help="Keep fp32 weights (default: fp16; bf16 stays bf16)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest weight file (full fine-tuning)."),
+    safe_serialization: bool = typer.Option(True, "--safe-serialization/--no-safe-serialization",
+                                            help="Write safetensors (default) or pickled .bin files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace SAVE_DIR if it exists."),
+    overrides: list[str] = typer.Option(None, "--set", "--cfg-options",
+                                        help="Config overrides key=value, as given to train."),
+) -> None:
+    from tunesmith.export.pth_to_hf import pth_to_hf
+
+    with _progress_bar("writing") as progress:
+        result = pth_to_hf(config, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size,
+                           safe_serialization=safe_serialization, overwrite=overwrite, overrides=overrides or [],
+                           progress=progress)
+    what = "PEFT adapter" if result.kind == "adapter" else "model"
+    typer.echo(f"wrote {what} ({result.dtype}) to {result.save_dir}")
+    if result.kind == "adapter":
+        typer.echo(f"next: tunesmith convert merge {result.base_model} {result.save_dir} ./merged   "
+                   f"or   tunesmith chat {result.base_model} --adapter {result.save_dir}")
+
+
+@convert_app.command("merge", help=MERGE_HELP)
+def merge_cmd(
+    base: str = typer.Argument(..., help="Base model folder (full precision), or builtin:smollm2-135m-instruct."),
+    adapter: Path = typer.Argument(..., help="Adapter folder (from convert pth_to_hf)."),
+    save_dir: Path = typer.Argument(..., help="Output folder."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest weight file, e.g. 2GB, 500MB."),
+    device: str = typer.Option("auto", "--device", help="Where the matmuls run: cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="Output weights: auto (the base's dtype), fp16, bf16 or fp32."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Accepted for XTuner compatibility (no model code is run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace SAVE_DIR if it exists."),
+) -> None:
+    from tunesmith.export.merge import merge_adapter
+    from tunesmith.export.shards import format_size
+
+    with _progress_bar("merging") as progress:
+        result = merge_adapter(base, adapter, save_dir, max_shard_size=max_shard_size, device=device, dtype=dtype,
+                               overwrite=overwrite, progress=progress)
+    typer.echo(f"merged {result.lora_modules} LoRA modules ({result.replaced_tensors} tensors replaced) on "
+               f"{result.device} into {result.save_dir}: {len(result.shards)} shard(s), "
+               f"{format_size(result.total_bytes)}, {result.seconds:.1f} s")
+
+
+@convert_app.command("split", help=SPLIT_HELP)
+def split_cmd(
+    src: Path = typer.Argument(..., help="Model folder to split."),
+    dst: Path = typer.Argument(..., help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
+) -> None:
+    from tunesmith.export.shards import format_size
+    from tunesmith.export.split import split_checkpoint
+
+    with _progress_bar("splitting") as progress:
+        result = split_checkpoint(src, dst, overwrite=overwrite, progress=progress)
+    kind = "safetensors" if result.safe else ".bin"
+    typer.echo(f"wrote {result.shards} {kind} shards ({format_size(result.total_bytes)}) to {result.save_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(convert_app, name="convert")
