@@ -18,7 +18,14 @@ from tunesmith.errors import TunesmithError
 # Command groups that really work, each a module of tunesmith.cli with `register(app)`. Heavy imports
 # (torch, transformers) stay inside the command functions so `tunesmith --help` starts fast.
 COMMAND_MODULES = [
+    "bench_cmds",
     "config_cmds",
+    "data_cmds",
+    "chat_cmds",
+    "train_cmds",
+    "serve_cmds",
+    "eval_cmds",
+    "convert_cmds",
 ]
 
 HELP = """\

@@ -1,0 +1,121 @@
+"""The benchmark harness on CPU: FLOP counting, the packed rows it feeds, and an end-to-end run of
+``tunesmith bench --model-shape tiny`` that prints the table (timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tunesmith.bench import BenchOptions, run_bench
+from tunesmith.bench.data import packed_batches, plain_batch
+from tunesmith.bench.flops import effective_context, flops_per_token, matmul_params, mfu
+from tunesmith.bench.shapes import SHAPES
+from tunesmith.errors import TunesmithError
+
+
+def test_matmul_params_of_the_internlm_7b_shape():
+    s = SHAPES["internlm-7b"]
+    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008
+    assert matmul_params(s) == 32 * per_layer + 4096 * 103168 == 6_898_581_504
+
+
+def test_matmul_params_with_grouped_kv_heads():
+    s = SHAPES["tiny"].__class__("gqa", 64, 2, 8, 2, 128, 100, False)
+    kv = 2 * (64 // 8)
+    assert matmul_params(s) == 2 * (64 * 64 * 2 + 2 * 64 * kv + 3 * 64 * 128) + 64 * 100
+
+
+def test_flops_per_token_lora_full_and_attention():
+    s = SHAPES["internlm-7b"]
+    n = matmul_params(s)
+    attn = 3 * 2 * 4096 * 2048 * 32
+    assert flops_per_token(s, "lora", 2048) == 4 * n + attn
+    assert flops_per_token(s, "qlora", 2048) == 4 * n + attn
+    assert flops_per_token(s, "full", 2048) == 6 * n + attn
+    # packed samples attend only within themselves: four 512-token samples cost a quarter of the attention
+    assert effective_context([512] * 4) == 512
+    assert effective_context([2048]) == 2048
+    assert effective_context([1000, 24]) == pytest.approx((1000**2 + 24**2) / 1024)
+    assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
+
+
+def test_packed_rows_follow_the_data_contract():
+    rows = packed_batches(512, 1000, 3, "cpu", seed=0)
+    assert len(rows) == 3
+    for row in rows:
+        ids, labels, pos = row["input_ids"], row["labels"], row["position_ids"]
+        assert ids.shape == labels.shape == pos.shape == (1, 512)
+        assert int(ids.max()) < 1000
+        starts = pos[0] == 0
+        assert bool(starts[0]) and int(starts.sum()) >= 2  # several samples per row
+        assert bool((labels[0][starts] == -100).all())  # no sample predicts the next one
+        # positions count up inside a sample
+        steps = pos[0, 1:] - pos[0, :-1]
+        assert bool(((steps == 1) | (pos[0, 1:] == 0)).all())
+        assert sum(row["sample_lengths"]) == 512
+        assert row["num_loss_tokens"] == int((labels[:, 1:] != -100).sum()) > 0
+        assert 0 < row["num_loss_tokens"] < 512
+    b = plain_batch(64, 100, "cpu")
+    assert torch.equal(b["input_ids"], b["labels"])
+
+
+def test_harness_runs_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    results = run_bench(
+        BenchOptions(
+            model_shape="tiny",
+            method="lora",
+            seq_len=64,
+            steps=1,
+            warmup=1,
+            variants=["baseline", "tunesmith", "-fused_lora"],
+            json_out=str(out),
+            device="cpu",
+        )
+    )
+    printed = capsys.readouterr().out
+    assert [r.variant for r in results] == ["baseline", "tunesmith", "-fused_lora"]
+    assert all(not r.error and r.tokens_per_s > 0 for r in results), [r.error for r in results]
+    assert "tokens/s" in printed and "peak GiB" in printed and "x base" in printed and "MFU" in printed
+    assert results[0].ratio == pytest.approx(1.0)
+    data = json.loads(out.read_text())
+    assert data["results"][1]["variant"] == "tunesmith" and data["matmul_tflops"] > 0
+
+    from tunesmith.bench.summary import render
+
+    assert "tunesmith" in render(data) and "goal" in render(data)
+
+
+def test_harness_longest_mode_on_cpu(capsys):
+    results = run_bench(
+        BenchOptions(model_shape="tiny", method="lora", seq_len=64, longest=True, longest_max=128, device="cpu")
+    )
+    assert [r.variant for r in results] == ["baseline", "tunesmith"]
+    assert all("longest 128 tokens" in r.note for r in results), [r.note or r.error for r in results]
+
+
+def test_unknown_shape_is_a_user_error():
+    with pytest.raises(TunesmithError, match="model shape"):
+        run_bench(BenchOptions(model_shape="internlm-70b"))
+
+
+def test_cli_bench_prints_the_table():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "bench", "--model-shape", "tiny", "--seq-len", "48", "--steps", "1",
+         "--warmup", "0", "--variants", "baseline,tunesmith", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== tunesmith bench: tiny lora seq 48" in proc.stdout
+    assert "baseline" in proc.stdout and "tunesmith" in proc.stdout
+
+
+def test_cli_bench_bad_method_exits_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "bench", "--method", "prefix"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "unknown method 'prefix'" in proc.stderr

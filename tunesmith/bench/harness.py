@@ -1,0 +1,686 @@
+"""Throughput and memory of one training step: a plain transformers + peft loop against tunesmith's, in one
+process on one device, with each fast path switched off in turn.
+
+Variants (names as printed):
+
+* ``baseline``: what a user writes (issue 6): transformers model in bf16 with SDPA, gradient checkpointing
+  (``use_reentrant=False``), ``model.train()``, peft LoRA r 64 / alpha 16 / dropout 0.1 on q,k,v,o,gate,up,down,
+  torch AdamW, ``model(input_ids, labels=...)`` on one ``1 x L`` row. QLoRA: NF4 + double quant + bf16 compute,
+  then ``prepare_model_for_kbit_training``. Full: every weight trained, no peft.
+* ``tunesmith``: the same shape and hyper-parameters from ``TrainConfig(method=...)``: LoRA from ``cfg.lora``,
+  k-bit preparation that keeps embeddings / norms / head in bf16, ``apply_fast_paths(model, cfg)``, the loss
+  through ``model_loss_sum`` (chunked / fused CE), fused AdamW, on oasst1-shaped packed rows
+  (:mod:`tunesmith.bench.data`). Full activation checkpointing.
+* ``tunesmith[ckpt auto]``: as ``tunesmith`` but with as many layers left un-checkpointed as fit in the budget
+  (the baseline's peak for LoRA / full, 8 GiB for QLoRA), from two measured peaks.
+* ``tunesmith[same data]``: the best tunesmith configuration on the baseline's own row (one sample, loss on
+  every token): the speed-up that does not come from packing.
+* ``-packed_attention``, ``-liger``, ``-chunked_loss``, ``-fused_lora``, ``+compile-liger``, ``+adamw8bit``: the
+  best configuration with one switch flipped (compile with liger off: inductor fuses those ops itself).
+* ``tunesmith[no ckpt]``: no activation checkpointing at all, whatever the memory: the speed ceiling.
+
+The model is built from a config with random weights directly on the device (bf16), so nothing is downloaded.
+Until ``tunesmith.models.prepare_for_training`` lands, the tunesmith variant assembles the same steps here
+(:func:`_prepare_tunesmith`); the fast paths themselves are the library's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tunesmith.bench.data import packed_batches, plain_batch
+from tunesmith.bench.flops import effective_context, flops_per_token, mfu
+from tunesmith.bench.shapes import SHAPES, Shape
+
+GiB = 1024**3
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class BenchOptions:
+    model_shape: str = "tiny"
+    method: str = "lora"
+    seq_len: int = 2048
+    steps: int = 5
+    warmup: int = 2
+    variants: list[str] | None = None  # None: the default set for the method
+    profile: bool = False
+    longest: bool = False
+    longest_card_gib: float = 80.0
+    longest_max: int = 65536
+    time_budget_s: float = 480.0
+    device: str = "auto"
+    json_out: str | None = None
+    qlora_budget_gib: float = 8.0
+
+
+@dataclass
+class Result:
+    variant: str
+    tokens_per_s: float = 0.0
+    peak_gib: float = 0.0
+    step_ms: float = 0.0
+    mfu: float = 0.0
+    ratio: float = 0.0
+    loss: float = float("nan")
+    note: str = ""
+    error: str = ""
+
+
+@dataclass
+class Spec:
+    """One variant: which loop, and the switches of the tunesmith loop."""
+
+    name: str
+    kind: str = "tunesmith"  # baseline | tunesmith
+    packed_attention: bool = True
+    liger_kernel: str = "auto"
+    chunked_loss: bool = True
+    fused_lora: bool = True
+    compile: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit
+    ckpt: str = "full"  # full | auto | none
+    data: str = "packed"  # packed | plain
+    extra: dict = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measure_matmul_flops(device: torch.device) -> float:
+    """The card's dense matmul rate on random data (bf16 on CUDA, fp32 on CPU), FLOP/s."""
+    if device.type == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 10
+    else:
+        n, dtype, reps = 512, torch.float32, 5
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    dt = (time.perf_counter() - t0) / reps
+    del a, b
+    return 2 * n**3 / dt
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GiB
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_base_model(shape: Shape, device: torch.device, seq_len: int) -> nn.Module:
+    """Random-initialised Llama-architecture model of ``shape``, created directly on ``device``."""
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = shape.llama_config(seq_len)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model
+
+
+def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Replace every decoder linear with a bitsandbytes NF4 ``Linear4bit`` (double quant, ``compute_dtype``),
+    as ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` would; the head stays unquantized."""
+    import bitsandbytes as bnb
+
+    decoder = model.get_decoder()
+    for parent in list(decoder.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            weight = child.weight.data
+            q.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+            )
+            q.weight = q.weight.to(weight.device)  # quantizes
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, q)
+            del child, weight
+    model.is_loaded_in_4bit = True  # what transformers sets; peft dispatches its bnb LoRA layers on it
+    model.quantization_method = "bitsandbytes"
+    return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _peft(model: nn.Module, r: int, alpha: int, dropout: float, targets) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model,
+        LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"),
+    )
+
+
+def _prepare_baseline(model: nn.Module, method: str) -> nn.Module:
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    _enable_checkpointing(model)
+    if method in ("lora", "qlora"):
+        model = _peft(model, 64, 16, 0.1, LORA_TARGETS)
+    model.train()
+    return model
+
+
+class _Speed:
+    """``cfg.speed`` plus the proposed ``fused_lora`` key (not in the schema yet)."""
+
+    def __init__(self, speed: Any, **extra: Any):
+        self._speed = speed
+        self.__dict__.update(extra)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._speed, name)
+
+
+def tunesmith_config(method: str, spec: Spec):
+    from tunesmith.config.schema import TrainConfig
+
+    cfg = TrainConfig(
+        method=method,
+        speed={
+            "packed_attention": spec.packed_attention,
+            "liger_kernel": spec.liger_kernel,
+            "chunked_loss": spec.chunked_loss,
+            "compile": spec.compile,
+        },
+    )
+    return cfg, _Speed(cfg.speed, fused_lora=spec.fused_lora)
+
+
+def _prepare_tunesmith(model: nn.Module, method: str, spec: Spec) -> tuple[nn.Module, Any]:
+    """tunesmith's own preparation (``tunesmith.models.prepare_for_training``: frozen base kept in bf16, LoRA
+    from ``cfg.lora`` on every linear but the head, non-re-entrant checkpointing, train mode), then
+    ``apply_fast_paths``."""
+    from tunesmith.models.fast import apply_fast_paths
+
+    cfg, speed = tunesmith_config(method, spec)
+    cfg.training.gradient_checkpointing = spec.ckpt != "none"
+    try:
+        from tunesmith.models import prepare_for_training
+    except ImportError:  # the models stage is not there: the same steps, spelled out
+        prepare_for_training = None
+    if prepare_for_training is not None:
+        model = prepare_for_training(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(method == "full")
+        if spec.ckpt != "none":
+            _enable_checkpointing(model)
+        if method in ("lora", "qlora"):
+            model = _peft(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, LORA_TARGETS)
+        model.train()
+    apply_fast_paths(model, speed)
+    return model, speed
+
+
+def make_optimizer(model: nn.Module, kind: str, fused: bool) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    kwargs = {"fused": True} if fused and params and params[0].is_cuda else {}
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def baseline_step(model: nn.Module, opt, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
+def make_tunesmith_step(speed: Any, device: torch.device) -> Callable:
+    """The train loop's micro-step: bf16 autocast on CUDA (as ``tunesmith train``), ``model_loss_sum`` with
+    ``loss_options(cfg)``, token-mean loss, optimizer step."""
+    import contextlib
+
+    from tunesmith.models.fast import loss_options, model_loss_sum
+
+    opts = loss_options(speed)
+
+    def step(model: nn.Module, opt, batch: dict) -> torch.Tensor:
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        with amp:
+            loss_sum, n_tokens = model_loss_sum(model, batch, **opts)
+        loss = loss_sum / n_tokens.clamp_min(1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def time_steps(step, model, opt, batches, warmup, steps, device) -> tuple[list[float], float]:
+    times = []
+    loss = torch.zeros(())
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step(model, opt, batch)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, float(loss.float())
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+class Bench:
+    def __init__(self, options: BenchOptions):
+        self.o = options
+        self.shape = SHAPES[options.model_shape]
+        self.device = pick_device(options.device)
+        self.start = time.perf_counter()
+        self.results: list[Result] = []
+        self.peak_flops = 0.0
+        self.best_keep: dict[str, int] = {}  # per optimizer: layers without checkpointing chosen by ckpt auto
+        self.profiles: list[str] = []
+
+    # -- helpers
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def budget_left(self) -> float:
+        return self.o.time_budget_s - self.elapsed()
+
+    def baseline_peak(self) -> float | None:
+        for r in self.results:
+            if r.variant == "baseline" and not r.error:
+                return r.peak_gib
+        return None
+
+    def build(self, spec: Spec):
+        method = self.o.method
+        model = build_base_model(self.shape, self.device, self.o.seq_len)
+        if method == "qlora":
+            quantize_nf4(model, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            free(self.device)
+        if spec.kind == "baseline":
+            model = _prepare_baseline(model, method)
+            return model, make_optimizer(model, "adamw", fused=False), baseline_step
+        model, speed = _prepare_tunesmith(model, method, spec)
+        return model, make_optimizer(model, spec.optimizer, fused=True), make_tunesmith_step(speed, self.device)
+
+    def batches(self, spec: Spec) -> tuple[list[dict], float]:
+        n = self.o.warmup + self.o.steps
+        if spec.kind == "baseline" or spec.data == "plain":
+            return [plain_batch(self.o.seq_len, self.shape.vocab, self.device, seed=i) for i in range(n)], float(
+                self.o.seq_len
+            )
+        rows = packed_batches(self.o.seq_len, self.shape.vocab, n, self.device, seed=0)
+        ctx = statistics.mean(effective_context(r["sample_lengths"]) for r in rows)
+        return rows, ctx
+
+    def ckpt_budget_gib(self) -> float | None:
+        if self.o.method == "qlora":
+            return self.o.qlora_budget_gib
+        return self.baseline_peak()
+
+    def run_variant(self, spec: Spec) -> None:
+        from tunesmith.models.fast import set_checkpointed_layers
+
+        need = 100 if spec.compile else 25
+        if self.budget_left() < need:
+            self.results.append(Result(spec.name, note="skipped: time budget"))
+            log(f"[bench] {spec.name}: skipped (time budget)")
+            return
+        log(f"[bench] {spec.name}: building ({self.elapsed():.0f}s elapsed)")
+        model = opt = step = None
+        res = Result(spec.name)
+        try:
+            free(self.device)
+            model, opt, step = self.build(spec)
+            batches, ctx = self.batches(spec)
+            notes = []
+            if spec.kind == "tunesmith" and spec.ckpt != "none":
+                keep = 0
+                if spec.ckpt == "auto":
+                    keep = self.plan_checkpointing(model, opt, step, batches, spec.optimizer)
+                elif spec.ckpt.isdigit():
+                    keep = int(spec.ckpt)
+                checkpointed = set_checkpointed_layers(model, keep)
+                notes.append(f"ckpt {checkpointed}/{self.shape.layers}")
+            if spec.kind == "tunesmith" and spec.data == "packed":
+                notes.append(f"ctx {ctx:.0f}")
+            reset_peak(self.device)
+            times, loss = time_steps(step, model, opt, batches, self.o.warmup, self.o.steps, self.device)
+            res.step_ms = statistics.median(times) * 1000
+            res.tokens_per_s = self.o.seq_len / statistics.median(times)
+            res.peak_gib = peak_gib(self.device)
+            res.loss = loss
+            res.mfu = mfu(res.tokens_per_s, flops_per_token(self.shape, self.o.method, ctx), self.peak_flops)
+            res.note = ", ".join(notes)
+            if self.o.profile and (spec.name == "baseline" or spec.name.startswith("tunesmith[ckpt auto]")):
+                try:
+                    self.profile(spec.name, step, model, opt, batches[0])
+                except Exception as exc:  # noqa: BLE001 - a profiler problem must not lose the timing
+                    log(f"[bench] profile of {spec.name} failed: {type(exc).__name__}: {exc}")
+            log(
+                f"[bench] {spec.name}: {res.tokens_per_s:,.0f} tok/s, peak {res.peak_gib:.2f} GiB, "
+                f"step {res.step_ms:.0f} ms, loss {loss:.3f} {res.note}"
+            )
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not stop the table
+            res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            log(f"[bench] {spec.name}: FAILED {res.error}")
+            traceback.print_exc(limit=6, file=sys.stdout)
+        finally:
+            del model, opt, step
+            if spec.compile:
+                try:
+                    torch._dynamo.reset()
+                except Exception:
+                    pass
+            free(self.device)
+        self.results.append(res)
+
+    def plan_checkpointing(self, model, opt, step, batches, optimizer: str) -> int:
+        """Layers to leave un-checkpointed within the budget (``auto_keep_activations``: two measured steps)."""
+        from tunesmith.models.fast.checkpointing import auto_keep_activations, decoder_layers
+
+        if optimizer in self.best_keep:
+            return self.best_keep[optimizer]
+        budget = self.ckpt_budget_gib()
+        if budget is None or self.device.type != "cuda":
+            self.best_keep[optimizer] = 0
+            return 0
+        peaks = []
+        step(model, opt, batches[0])  # warm-up: optimizer states exist before the peaks are read
+
+        def run_step():
+            step(model, opt, batches[0])
+            peaks.append(torch.cuda.max_memory_allocated(self.device) / GiB)
+
+        keep = auto_keep_activations(model, run_step, budget * GiB)
+        n = len(decoder_layers(model))
+        log(
+            f"[bench] ckpt auto: budget {budget:.2f} GiB, peaks {', '.join(f'{p:.2f}' for p in peaks)} GiB "
+            f"(all checkpointed, {max(1, n // 8)} kept) -> keep {keep}/{n} layers"
+        )
+        self.best_keep[optimizer] = keep
+        return keep
+
+    def profile(self, name: str, step, model, opt, batch) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step(model, opt, batch)
+            sync(self.device)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
+        except Exception:
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
+        text = f"--- profile: {name} (one step, top kernels by self device time) ---\n{table}"
+        self.profiles.append(text)
+        print(text, flush=True)
+
+    # -- the variant lists
+    def default_specs(self) -> list[Spec]:
+        m = self.o.method
+        specs = [Spec("baseline", kind="baseline"), Spec("tunesmith")]
+        if m == "qlora":
+            specs += [
+                Spec("tunesmith+adamw8bit", optimizer="adamw8bit"),
+                Spec("tunesmith[ckpt auto]+adamw8bit", optimizer="adamw8bit", ckpt="auto"),
+                Spec("tunesmith[same data]+adamw8bit", optimizer="adamw8bit", ckpt="auto", data="plain"),
+                Spec("-fused_lora", optimizer="adamw8bit", ckpt="auto", fused_lora=False),
+                Spec("-liger", optimizer="adamw8bit", ckpt="auto", liger_kernel="off"),
+                Spec("-packed_attention", optimizer="adamw8bit", ckpt="auto", packed_attention=False),
+                Spec("-chunked_loss", optimizer="adamw8bit", ckpt="auto", chunked_loss=False),
+            ]
+        else:
+            specs += [
+                Spec("tunesmith[ckpt auto]", ckpt="auto"),
+                Spec("tunesmith[same data]", ckpt="auto", data="plain"),
+                Spec("tunesmith[no ckpt]", ckpt="none"),
+                Spec("tunesmith[ckpt auto]+adamw8bit", ckpt="auto", optimizer="adamw8bit"),
+                # inductor fuses the norms / SwiGLU itself; liger's Triton autograd functions would break the graph
+                Spec("+compile-liger", ckpt="auto", compile=True, liger_kernel="off"),
+                Spec("-fused_lora", ckpt="auto", fused_lora=False),
+                Spec("-liger", ckpt="auto", liger_kernel="off"),
+                Spec("-packed_attention", ckpt="auto", packed_attention=False),
+                Spec("-chunked_loss", ckpt="auto", chunked_loss=False),
+            ]
+        if m == "full":
+            specs = [s for s in specs if s.name != "-fused_lora"]
+        if self.o.variants:
+            wanted = set(self.o.variants)
+            specs = [s for s in specs if s.name in wanted]
+        return specs
+
+    # -- main entry
+    def run(self) -> list[Result]:
+        o = self.o
+        log(
+            f"[bench] shape {o.model_shape}, method {o.method}, seq {o.seq_len}, steps {o.steps} "
+            f"(+{o.warmup} warm-up), device {describe_device(self.device)}"
+        )
+        def _terminate(signum, frame):  # `timeout` sends SIGTERM: still print the table of what ran
+            raise SystemExit(128 + signum)
+
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            self.peak_flops = measure_matmul_flops(self.device)
+            log(f"[bench] measured matmul rate: {self.peak_flops / 1e12:.1f} TFLOP/s")
+        except Exception as exc:  # noqa: BLE001
+            log(f"[bench] matmul rate not measured: {exc}")
+        try:
+            if o.longest:
+                self.run_longest()
+            else:
+                for spec in self.default_specs():
+                    self.run_variant(spec)
+        finally:
+            self.finish()
+        return self.results
+
+    def finish(self) -> None:
+        base = next((r for r in self.results if r.variant == "baseline" and r.tokens_per_s > 0), None)
+        for r in self.results:
+            if base and r.tokens_per_s > 0:
+                r.ratio = r.tokens_per_s / base.tokens_per_s
+        print(format_table(self.results, self.o, self.device, self.peak_flops), flush=True)
+        if self.o.json_out:
+            payload = {
+                "options": asdict(self.o),
+                "device": describe_device(self.device),
+                "matmul_tflops": self.peak_flops / 1e12,
+                "results": [asdict(r) for r in self.results],
+                "profiles": self.profiles,
+            }
+            tmp = self.o.json_out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=1, default=str)
+            os.replace(tmp, self.o.json_out)
+
+    # -- longest trainable sequence
+    def run_longest(self) -> None:
+        """Longest single-sample sequence one training step fits in ``longest_card_gib`` (a smaller card emulated
+        with the allocator's per-process memory fraction), for the baseline and for tunesmith."""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            frac = min(1.0, self.o.longest_card_gib * GiB / total)
+            torch.cuda.set_per_process_memory_fraction(frac, self.device)
+            log(f"[bench] longest: emulating a {self.o.longest_card_gib:.0f} GiB card (fraction {frac:.3f})")
+        specs = [Spec("baseline", kind="baseline"), Spec("tunesmith", data="plain")]
+        if self.o.method == "qlora":
+            specs[1] = Spec("tunesmith+adamw8bit", data="plain", optimizer="adamw8bit")
+        share = self.budget_left() / len(specs)
+        for i, spec in enumerate(specs):
+            deadline = time.perf_counter() + (self.budget_left() / (len(specs) - i) if i else share)
+            res = Result(spec.name)
+            model = opt = step = None
+            try:
+                model, opt, step = self.build(spec)
+                best, first_fail = self._search(step, model, opt, deadline)
+                res.note = f"longest {best:,} tokens" + (
+                    f" (fails at {first_fail:,})" if first_fail else f" (search stopped at {self.o.longest_max:,})"
+                )
+                res.tokens_per_s = 0.0
+                res.peak_gib = float(best)
+                log(f"[bench] longest {spec.name}: {res.note}")
+            except Exception as exc:  # noqa: BLE001
+                res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                log(f"[bench] longest {spec.name}: FAILED {res.error}")
+            finally:
+                del model, opt, step
+                free(self.device)
+            self.results.append(res)
+
+    def _search(self, step, model, opt, deadline: float) -> tuple[int, int | None]:
+        def fits(length: int) -> bool:
+            batch = plain_batch(length, self.shape.vocab, self.device)
+            try:
+                step(model, opt, batch)
+                sync(self.device)
+                log(f"[bench]   {length:,}: ok")
+                return True
+            except torch.OutOfMemoryError:
+                log(f"[bench]   {length:,}: out of memory")
+                return False
+            finally:
+                opt.zero_grad(set_to_none=True)
+                del batch
+                free(self.device)
+
+        lo, hi = 0, None
+        length = min(max(1024, self.o.seq_len), self.o.longest_max)
+        while length <= self.o.longest_max and time.perf_counter() < deadline:
+            if fits(length):
+                lo = length
+                length *= 2
+            else:
+                hi = length
+                break
+        if hi is None:
+            return lo, None
+        while hi - lo > max(1024, lo // 16) and time.perf_counter() < deadline:
+            mid = (lo + hi) // 2 // 1024 * 1024
+            if mid <= lo:
+                break
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo, hi
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / GiB:.0f} GiB), torch {torch.__version__}"
+    return f"cpu ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def format_table(results: list[Result], o: BenchOptions, device: torch.device, peak_flops: float) -> str:
+    head = (
+        f"\n== tunesmith bench: {o.model_shape} {o.method} seq {o.seq_len} on {describe_device(device)}; "
+        f"matmul {peak_flops / 1e12:.2f} TFLOP/s =="
+    )
+    if o.longest:
+        lines = [head, f"{'variant':<32} {'longest sequence':>40}"]
+        for r in results:
+            lines.append(f"{r.variant:<32} {r.error or r.note:>40}")
+        return "\n".join(lines)
+    cols = f"{'variant':<34} {'tokens/s':>10} {'peak GiB':>9} {'x base':>7} {'MFU':>6} {'step ms':>8} {'loss':>7}  note"
+    lines = [head, cols, "-" * len(cols)]
+    for r in results:
+        if r.error or r.tokens_per_s <= 0:
+            lines.append(f"{r.variant:<34} {'-':>10} {'-':>9} {'-':>7} {'-':>6} {'-':>8} {'-':>7}  {r.error or r.note}")
+            continue
+        peak = f"{r.peak_gib:.2f}" if not math.isnan(r.peak_gib) else "n/a"
+        ratio = f"{r.ratio:.2f}" if r.ratio else "-"
+        lines.append(
+            f"{r.variant:<34} {r.tokens_per_s:>10,.0f} {peak:>9} {ratio:>7} {r.mfu * 100:>5.1f}% "
+            f"{r.step_ms:>8.0f} {r.loss:>7.3f}  {r.note}"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(options: BenchOptions) -> list[Result]:
+    if options.model_shape not in SHAPES:
+        from tunesmith.errors import unknown_name_error
+
+        raise unknown_name_error("model shape", options.model_shape, SHAPES)
+    if options.method not in ("lora", "qlora", "full"):
+        from tunesmith.errors import unknown_name_error
+
+        raise unknown_name_error("method", options.method, ["lora", "qlora", "full"])
+    return Bench(options).run()

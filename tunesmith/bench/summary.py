@@ -1,0 +1,55 @@
+"""Print the result tables of saved ``tunesmith bench --json`` files: ``python -m tunesmith.bench.summary F...``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tunesmith.bench.harness import BenchOptions, Result
+
+GOALS = {
+    "lora": "goal: tunesmith >= 2.0x baseline tokens/s at <= baseline peak",
+    "qlora": "goal: tunesmith peak <= 8 GiB and >= 1.5x baseline tokens/s",
+}
+
+
+def render(payload: dict) -> str:
+    o = BenchOptions(**{k: v for k, v in payload["options"].items() if k in BenchOptions.__dataclass_fields__})
+    results = [Result(**r) for r in payload["results"]]
+    head = (
+        f"\n== {o.model_shape} {o.method} seq {o.seq_len} on {payload['device']}; "
+        f"matmul {payload['matmul_tflops']:.0f} TFLOP/s =="
+    )
+    lines = [head]
+    if o.longest:
+        for r in results:
+            lines.append(f"{r.variant:<34} {r.error or r.note}")
+        return "\n".join(lines)
+    if o.method in GOALS:
+        lines.append(GOALS[o.method])
+    lines.append(f"{'variant':<34} {'tok/s':>8} {'GiB':>7} {'x base':>7} {'MFU':>6} {'loss':>6}  note")
+    for r in results:
+        if r.error or r.tokens_per_s <= 0:
+            lines.append(f"{r.variant:<34} {'-':>8} {'-':>7} {'-':>7} {'-':>6} {'-':>6}  {(r.error or r.note)[:90]}")
+        else:
+            lines.append(
+                f"{r.variant:<34} {r.tokens_per_s:>8,.0f} {r.peak_gib:>7.2f} {r.ratio:>7.2f} "
+                f"{r.mfu * 100:>5.1f}% {r.loss:>6.2f}  {r.note}"
+            )
+    return "\n".join(lines)
+
+
+def main(paths: list[str]) -> int:
+    for path in paths:
+        try:
+            with open(path) as f:
+                print(render(json.load(f)))
+        except FileNotFoundError:
+            print(f"\n== {path}: no results (stage did not run or did not finish)")
+        except Exception as exc:  # noqa: BLE001
+            print(f"\n== {path}: unreadable ({type(exc).__name__}: {exc})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
