@@ -1,0 +1,85 @@
+"""`tunesmith train CONFIG`: parse, call tunesmith.train.train, print. Multi-GPU through torchrun's
+variables (NPROC_PER_NODE, NNODES, NODE_RANK, ADDR, PORT), as XTuner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from typer.core import TyperCommand
+
+TRAIN_HELP = """Fine-tune a model with a config (a YAML file or a built-in recipe name).
+
+Checkpoints go to WORK_DIR/epoch_N.pth (and iter_N.pth with training.save_steps), with metrics.jsonl,
+TensorBoard events, loss.png and the evaluation answers (eval_outputs/). Ctrl-C saves and prints the
+command that resumes.
+
+\b
+Examples:
+  tunesmith train ./internlm_chat_7b_qlora_oasst1_e3_copy.yaml
+  tunesmith train my.yaml --deepspeed deepspeed_zero2 --set training.lr=1e-4 data.max_length=1024
+  tunesmith train my.yaml --resume auto          # continue exactly where the last checkpoint stopped
+  NPROC_PER_NODE=8 tunesmith train my.yaml --deepspeed deepspeed_zero2     # all GPUs of a host
+"""
+
+
+class _TrainCommand(TyperCommand):
+    """`--resume` with no value means `--resume auto` (XTuner-style optional value)."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args.insert(i + 1, "auto")
+                break
+        return super().parse_args(ctx, args)
+
+
+def _train_args() -> list[str]:
+    argv = sys.argv[1:]
+    return argv[argv.index("train") + 1:] if "train" in argv else []
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train", help=TRAIN_HELP, cls=_TrainCommand,
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+    def train_cmd(
+        ctx: typer.Context,
+        config: str = typer.Argument(..., help="Config YAML path or built-in recipe name (see list-cfg)."),
+        work_dir: Path = typer.Option(None, "--work-dir",
+                                      help="Output folder (default: config's work_dir, else ./work_dirs/<config name>)."),
+        deepspeed: str = typer.Option(None, "--deepspeed",
+                                      help="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file."),
+        resume: str = typer.Option(None, "--resume",
+                                   help="Resume: 'auto' (the work dir's last checkpoint; also plain --resume) "
+                                        "or a checkpoint folder."),
+        seed: int = typer.Option(None, "--seed", help="Random seed (overrides training.seed)."),
+        overrides: list[str] = typer.Option(None, "--set", "--cfg-options",
+                                            help="Config overrides key=value ... e.g. --set training.lr=1e-4 "
+                                                 "data.max_length=1024"),
+        no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of a progress bar."),
+    ) -> None:
+        from tunesmith.errors import TunesmithError
+        from tunesmith.train.launch import relaunch
+
+        extra = list(ctx.args)
+        bad = [a for a in extra if "=" not in a]
+        if bad:
+            raise TunesmithError(f"unexpected argument {bad[0]!r}", "overrides are key=value after --set")
+        code = relaunch(_train_args())
+        if code is not None:
+            raise typer.Exit(code)
+
+        from tunesmith.config import load_config
+        from tunesmith.train import train
+
+        cfg, stem = load_config(config, list(overrides or []) + extra)
+        out = work_dir or Path(cfg.work_dir or Path("work_dirs") / stem)
+        result = train(cfg, work_dir=out, resume=resume, deepspeed=deepspeed, seed=seed,
+                       progress=not no_progress and sys.stdout.isatty())
+        if result.interrupted:
+            raise typer.Exit(130)
+        if result.last_checkpoint is not None and os.environ.get("RANK", "0") == "0":
+            typer.echo(f"done: {result.steps} steps in {result.seconds:.0f}s; last checkpoint {result.last_checkpoint}")
