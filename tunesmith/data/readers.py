@@ -275,7 +275,6 @@ MSAGENT_RULES = (
     "Response:调用工具后的结果\n```\n如果你已经知道了答案，或者你不需要工具，请遵循以下格式回复\n```\n"
     "Thought:给出最终答案的思考过程\nFinal Answer:最终答案\n```\n开始!\n"
 )
-_MSAGENT_PREAMBLE, _MSAGENT_RULES = MSAGENT_PREAMBLE, MSAGENT_RULES  # older private names
 _THINK = re.compile(r"(.*?)<\|startofthink\|>(.*?)<\|endofthink\|>", re.DOTALL)
 _EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>(.*)$", re.DOTALL)
 _OBSERVATION = re.compile(r"^Observation:", re.MULTILINE)

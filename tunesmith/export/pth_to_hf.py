@@ -90,24 +90,53 @@ def read_checkpoint_meta(pth: Path) -> dict[str, Any]:
     return read_meta(pth)
 
 
+# What decides the adapter's shape and the prompt it was trained on. The rest (data path, steps, lr, ...) may
+# differ, so a config used with `--set data.path=... training.max_steps=...` at training time still converts.
+ADAPTER_KEYS = ("method", "model", "quantization", "lora", "data.prompt_template", "data.system",
+                "data.system_template")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _adapter_settings(data: dict[str, Any]) -> dict[str, Any]:
+    flat = _flatten(data)
+    return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in ADAPTER_KEYS)}
+
+
 def check_config_matches(cfg, meta: dict[str, Any], config_name: str, pth: Path) -> None:
-    """The config must be the one that trained the checkpoint (same method, same config hash)."""
+    """The config must describe the checkpoint's model: same method, base model, quantization, LoRA and
+    template as the config saved in the checkpoint (training-only keys may differ)."""
+    import yaml
+
     from tunesmith.config import config_hash
 
+    hint = f"pass the config that trained it (a copy is in {pth / 'config.yaml'})"
     method = meta.get("method")
     if method and method != cfg.method:
-        raise TunesmithError(
-            f"checkpoint {pth} was trained with method {method!r}, config {config_name} says {cfg.method!r}",
-            f"pass the config that trained it (a copy is in {pth / 'config.yaml'})",
-        )
-    expected = meta.get("config_hash")
+        raise TunesmithError(f"checkpoint {pth} was trained with method {method!r}, config {config_name} says "
+                             f"{cfg.method!r}", hint)
+    saved_file = pth / "config.yaml"
+    if saved_file.is_file():
+        saved = _adapter_settings(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
+        ours = _adapter_settings(cfg.model_dump(mode="json"))
+        differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+        if differ:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ[:3])
+            raise TunesmithError(f"checkpoint {pth} was trained with another model setup than {config_name} "
+                                 f"({shown})", hint)
+        return
+    expected = meta.get("config_hash")  # no saved config: only the whole-config hash can tell
     actual = config_hash(cfg)
     if expected and expected != actual:
-        raise TunesmithError(
-            f"checkpoint {pth} was written by a different config than {config_name} "
-            f"(config hash {expected}, this config {actual})",
-            f"pass the config that trained it (a copy is in {pth / 'config.yaml'})",
-        )
+        raise TunesmithError(f"checkpoint {pth} was written by a different config than {config_name} "
+                             f"(config hash {expected}, this config {actual})", hint)
 
 
 def _base_model_id(path: str) -> str:

@@ -31,28 +31,12 @@ _INPUT = re.compile(r"Action\s*Input\s*[:：][ \t]*(.*)", re.DOTALL | re.IGNOREC
 _THOUGHT = re.compile(r"Thought\s*[:：]\s*(.*?)(?=^\s*(?:Action|Final\s*Answer)\s*[:：]|\Z)",
                       re.DOTALL | re.IGNORECASE | re.MULTILINE)
 
-# XTuner's msagent preamble (the training data's system prompt) in case the data module does not provide it
-_PREAMBLE = "你是一个可以调用外部工具的助手，可以使用的工具包括：\n"
-_RULES = (
-    "如果使用工具请遵循以下格式回复：\n```\nThought:思考你当前步骤需要解决什么问题，是否需要使用工具\n"
-    "Action:工具名称，你的工具必须从 [{names}] 选择\nAction Input:工具输入参数\n```\n工具返回按照以下格式回复：\n```\n"
-    "Response:调用工具后的结果\n```\n如果你已经知道了答案，或者你不需要工具，请遵循以下格式回复\n```\n"
-    "Thought:给出最终答案的思考过程\nFinal Answer:最终答案\n```\n开始!\n"
-)
-
-
 def system_prompt(tools: Sequence[Tool]) -> str:
-    """The tool preamble in the words msagent_react training uses (tunesmith.data.readers)."""
-    api = {t.name: f"{t.description}\n输入参数: {{'input': '{t.example}'}}" for t in tools}
-    names = str(list(api))
-    try:  # the data module's own strings, so the prompt cannot drift from training
-        from tunesmith.data import readers
+    """The tool preamble in the words msagent_react training uses: the data module builds both, so the prompt
+    the agent sees cannot drift from the one it was trained on."""
+    from tunesmith.data.readers import msagent_system_prompt
 
-        preamble = getattr(readers, "_MSAGENT_PREAMBLE", _PREAMBLE)
-        rules = getattr(readers, "_MSAGENT_RULES", _RULES)
-    except ImportError:  # pragma: no cover
-        preamble, rules = _PREAMBLE, _RULES
-    return preamble + f"{api}\n" + rules.replace("{names}", names)
+    return msagent_system_prompt({t.name: f"{t.description}\n输入参数: {{'input': '{t.example}'}}" for t in tools})
 
 
 @dataclass

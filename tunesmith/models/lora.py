@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from torch import nn
@@ -9,12 +10,10 @@ from torch import nn
 
 def _linear_types() -> tuple[type, ...]:
     types: list[type] = [nn.Linear]
-    try:
-        import bitsandbytes as bnb
-
+    # a quantized model has imported bitsandbytes already; importing it otherwise only costs time and CPU warnings
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except Exception:  # noqa: BLE001 - bitsandbytes missing or without a usable backend
-        pass
     return tuple(types)
 
 

@@ -111,10 +111,12 @@ def environment_info(env: DistEnv, precision: str) -> dict[str, Any]:
                             "transformers": transformers.__version__, "platform": platform.platform(),
                             "world_size": env.world_size, "precision": precision, "cuda": torch.version.cuda,
                             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    from importlib import metadata
+
     for name in ("peft", "bitsandbytes", "deepspeed", "accelerate"):
-        try:
-            info[name] = __import__(name).__version__
-        except Exception:  # not installed / broken optional extra
+        try:  # the installed version without importing it (importing deepspeed / bitsandbytes is slow and noisy)
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             info[name] = None
     return info
 
