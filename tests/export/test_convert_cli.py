@@ -6,9 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import train_config, write_checkpoint, write_config
-from helpers import model_logits, peft_logits
 
+from tests.export.helpers import (
+    model_logits,
+    peft_logits,
+    train_config,
+    write_checkpoint,
+    write_config,
+)
 from tunesmith.cli.main import main
 
 

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import IDS, model_logits, peft_logits, read_json
 
+from tests.export.helpers import IDS, model_logits, peft_logits, read_json
 from tunesmith.errors import TunesmithError
 from tunesmith.export.merge import merge_adapter
 from tunesmith.export.shards import list_tensors

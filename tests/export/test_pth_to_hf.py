@@ -6,9 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import train_config, write_checkpoint, write_config
-from helpers import IDS, model_logits, read_json
 
+from tests.export.helpers import (
+    IDS,
+    model_logits,
+    read_json,
+    train_config,
+    write_checkpoint,
+    write_config,
+)
 from tunesmith.errors import TunesmithError
 from tunesmith.export.pth_to_hf import pth_to_hf
 from tunesmith.export.shards import list_tensors

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import model_logits, read_json
 
+from tests.export.helpers import model_logits, read_json
 from tunesmith.errors import TunesmithError
 from tunesmith.export.shards import (
     ShardWriter,

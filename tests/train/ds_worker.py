@@ -10,10 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import tiny_config  # noqa: E402
-
+from tests.train.conftest import tiny_config  # noqa: E402
 from tunesmith.train import train  # noqa: E402
 
 mode, stage, model_dir, data_file, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])

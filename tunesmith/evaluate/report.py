@@ -33,7 +33,7 @@ def render_markdown(report: dict) -> str:
              f"- data: `{report['data']}` ({report['format']} format, {report['samples']} conversations"
              f"{', first ' + str(report['max_samples']) if report.get('max_samples') else ''})",
              f"- prompt template: `{report['prompt_template']}`",
-             f"- loss counts only the answer tokens (and their end-of-turn token); perplexity = exp(mean token loss)",
+             "- loss counts only the answer tokens (and their end-of-turn token); perplexity = exp(mean token loss)",
              ""]
     header = "| metric | " + " | ".join(f"`{m['name']}`" for m in models) + (" | change |" if len(models) == 2 else " |")
     lines += [header, "|---" * (len(models) + 1 + (len(models) == 2)) + "|"]

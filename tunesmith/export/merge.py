@@ -38,6 +38,7 @@ from tunesmith.export.shards import (
     Entry,
     ShardWriter,
     TensorRef,
+    byte_progress,
     list_tensors,
     nbytes_of,
     parse_size,
@@ -209,13 +210,7 @@ def merge_adapter(
     total = sum(nbytes_of(dt, shape) for _, dt, shape in entries)
     check_free_space(save_dir, total)
 
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    on_bytes = byte_progress(total, progress)
 
     with atomic_path(save_dir, is_dir=True) as tmp:
         writer = ShardWriter(tmp, shard_plan, safe=True, on_bytes=on_bytes)

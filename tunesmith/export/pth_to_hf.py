@@ -34,7 +34,15 @@ from tunesmith.export.folder import (
     write_json,
 )
 from tunesmith.export.layout import layout_for
-from tunesmith.export.shards import ShardWriter, TensorRef, list_tensors, nbytes_of, parse_size, plan_shards
+from tunesmith.export.shards import (
+    ShardWriter,
+    TensorRef,
+    byte_progress,
+    list_tensors,
+    nbytes_of,
+    parse_size,
+    plan_shards,
+)
 from tunesmith.files import atomic_path
 
 CONFIG_COPY = "tunesmith_config.yaml"
@@ -155,7 +163,11 @@ def _base_model_id(path: str) -> str:
 def chat_template_for(tokenizer, cfg) -> str | None:
     """The Jinja chat template rendering the training template (None: keep the tokenizer's own, for 'auto')."""
     from tunesmith.data.encode import tokenizer_default_system, tokenizer_info
-    from tunesmith.data.templates import chat_template_jinja, get_template, resolve_system
+    from tunesmith.data.templates import (
+        chat_template_jinja,
+        get_template,
+        resolve_system,
+    )
 
     template = get_template(cfg.data.prompt_template)
     if template.is_auto:
@@ -258,13 +270,7 @@ def _write_full(pth: Path, tmp: Path, cfg, *, fp32: bool, safe: bool, max_bytes:
     plan = plan_shards(entries, max_bytes)
     total = sum(nbytes_of(d, s) for _, d, s in entries)
     check_free_space(tmp, total)
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    on_bytes = byte_progress(total, progress)
 
     writer = ShardWriter(tmp, plan, safe=safe, on_bytes=on_bytes)
     try:

@@ -368,3 +368,16 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int,
     finally:
         writer.abort()
     return writer.names
+
+
+def byte_progress(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """An `on_bytes` callback for ShardWriter that reports (bytes written so far, total) to `progress`."""
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    return on_bytes

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.export.folder import check_destination, check_free_space, copy_side_files
-from tunesmith.export.shards import ShardWriter, list_tensors, release
+from tunesmith.export.shards import ShardWriter, byte_progress, list_tensors, release
 from tunesmith.files import atomic_path
 
 
@@ -42,13 +42,7 @@ def split_checkpoint(src: str | Path, dst: str | Path, *, overwrite: bool = Fals
         raise TunesmithError(f"{src}: the weight files hold no tensors")
     total = sum(r.nbytes for r in refs)
     check_free_space(dst, total)
-    done = 0
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
+    on_bytes = byte_progress(total, progress)
 
     with atomic_path(dst, is_dir=True) as tmp:
         writer = ShardWriter(tmp, [[(r.name, r.dtype, r.shape)] for r in refs], safe=safe, on_bytes=on_bytes)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 from tunesmith.errors import TunesmithError
@@ -36,15 +35,10 @@ def _torch_dtype(name: str | None, device: str):
 
 
 def _check_bits(bits: int | None) -> None:
-    if bits is None:
-        return
-    if bits not in (4, 8):
-        raise TunesmithError(f"--bits must be 4 or 8, not {bits}", "4 = NF4 (QLoRA style), 8 = LLM.int8")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise TunesmithError(
-            f"--bits {bits} needs the bitsandbytes package, which is not installed",
-            "pip install 'tunesmith[qlora]' (or pip install bitsandbytes), or leave out --bits",
-        )
+    if bits is not None:
+        from tunesmith.models.quantize import require_bitsandbytes
+
+        require_bitsandbytes(bits)
 
 
 def load_for_chat(
