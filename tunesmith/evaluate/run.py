@@ -92,7 +92,10 @@ class _Progress:
 
             class Rate(ProgressColumn):
                 def render(self, task):
-                    return Text(f"{task.speed:.2f}/s" if task.speed else "–/s")
+                    # answers finish in batches: rich's windowed speed spikes, the whole-run average does not
+                    elapsed = task.finished_time if task.finished else task.elapsed
+                    rate = task.completed / elapsed if elapsed else None
+                    return Text(f"{rate:.2f}/s" if rate else "–/s")
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
