@@ -65,11 +65,17 @@ def browser(tmp_path_factory):
 
 
 def _bot_text(driver) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid='bot']") or driver.find_elements(
-        By.CSS_SELECTOR, "#chatbot .bot")
-    return found[-1].text.strip() if found else ""
+    for _ in range(20):  # streaming re-renders the bubble: an element found a moment ago may be gone; look again
+        try:
+            found = driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid='bot']") or driver.find_elements(
+                By.CSS_SELECTOR, "#chatbot .bot")
+            return found[-1].text.strip() if found else ""
+        except StaleElementReferenceException:
+            time.sleep(0.02)
+    return ""
 
 
 def test_web_page_streams_an_answer(web_url, browser):

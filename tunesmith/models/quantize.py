@@ -41,7 +41,8 @@ def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def require_bitsandbytes(bits: int) -> None:
     if bits not in (4, 8):
-        raise TunesmithError(f"bits must be 4 or 8, not {bits}", "4 = NF4 (QLoRA), 8 = LLM.int8, or leave it unset")
+        raise TunesmithError(f"--bits (quantization.bits) must be 4 or 8, not {bits}",
+                             "4 = NF4 (QLoRA), 8 = LLM.int8, or leave it unset")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TunesmithError(
             f"--bits {bits} needs bitsandbytes, which is not installed",
