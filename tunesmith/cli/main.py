@@ -17,15 +17,15 @@ from tunesmith.errors import TunesmithError
 
 # Command groups that really work, each a module of tunesmith.cli with `register(app)`. Heavy imports
 # (torch, transformers) stay inside the command functions so `tunesmith --help` starts fast.
-COMMAND_MODULES = [
-    "bench_cmds",
+COMMAND_MODULES = [  # in the order of the workflow, which is the order `--help` lists them
     "config_cmds",
     "data_cmds",
-    "chat_cmds",
     "train_cmds",
+    "convert_cmds",
+    "chat_cmds",
     "serve_cmds",
     "eval_cmds",
-    "convert_cmds",
+    "bench_cmds",
 ]
 
 HELP = """\
