@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU run of issue 6, on the device machine (one H200): exactness tests, then `tunesmith bench` for
 # 1.8b LoRA (sanity), 7B LoRA, 7B QLoRA and the QLoRA longest-sequence search, in about 9 minutes.
+# Every bench first runs one untimed warm-up pass, then per variant 3 untimed + 6-8 timed steps (median), and
+# times the baseline again at the end (drift).
 #
 # The lead runs it from the repository root, with the wheels of /work/shared/wheels/gpu/*.whl copied into
 # an ignored `.whl/` folder of the checkout (`echo /.whl/ >> .git/info/exclude`), carry [".whl"]:
@@ -40,7 +42,10 @@ PYEOF
 
 STAGES=${*:-tests lora18 lora qlora longest}
 S7=internlm-7b; S18=1.8b; SEQ=2048; LMAX=65536
-if [ "${SUITE_SMOKE:-0}" = 1 ]; then S7=tiny; S18=tiny; SEQ=128; LMAX=512; fi  # plumbing check on a CPU box
+STEPS="--steps 8 --warmup 3"; STEPS18="--steps 6 --warmup 3"
+if [ "${SUITE_SMOKE:-0}" = 1 ]; then  # plumbing check on a CPU box: tiny shapes, few steps
+  S7=tiny; S18=tiny; SEQ=128; LMAX=512; STEPS="--steps 2 --warmup 1"; STEPS18=$STEPS
+fi
 bench() {  # bench NAME SECONDS args...
   local name=$1 secs=$2; shift 2
   local l; l=$(left)
@@ -58,16 +63,16 @@ for stage in $STAGES; do
       timeout -k 5 90 $PY -m pytest -m gpu tests/models/test_fast_paths.py -q -p no:cacheprovider 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     lora18)
-      bench lora18 45 --model-shape $S18 --method lora --seq-len $SEQ --steps 4 --warmup 2 \
-        --variants "baseline,tunesmith,tunesmith[ckpt auto]" ;;
+      bench lora18 45 --model-shape $S18 --method lora --seq-len $SEQ $STEPS18 \
+        --variants "baseline,tunesmith,tunesmith[ckpt full],baseline[again]" ;;
     lora)
-      bench lora7b 200 --model-shape $S7 --method lora --seq-len $SEQ --steps 4 --warmup 2 --profile ;;
+      bench lora7b ${LORA_SECONDS:-200} --model-shape $S7 --method lora --seq-len $SEQ $STEPS --profile ;;
     qlora)
-      bench qlora7b 150 --model-shape $S7 --method qlora --seq-len $SEQ --steps 4 --warmup 2 --profile ;;
+      bench qlora7b ${QLORA_SECONDS:-150} --model-shape $S7 --method qlora --seq-len $SEQ $STEPS --profile ;;
     longest)
       bench longest 110 --model-shape $S7 --method qlora --longest --card-gib 80 --longest-max $LMAX ;;
     full)
-      bench full7b 150 --model-shape $S7 --method full --seq-len $SEQ --steps 3 --warmup 2 ;;
+      bench full7b 150 --model-shape $S7 --method full --seq-len $SEQ $STEPS ;;
     *) echo "unknown stage $stage (tests lora18 lora qlora longest full)" ;;
   esac
 done

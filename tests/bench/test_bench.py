@@ -119,3 +119,120 @@ def test_cli_bench_bad_method_exits_2():
         [sys.executable, "-m", "tunesmith", "bench", "--method", "prefix"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "unknown method 'prefix'" in proc.stderr
+
+
+def test_default_variants_end_with_the_baseline_again():
+    from tunesmith.bench.harness import Bench
+
+    for method in ("lora", "qlora", "full"):
+        names = [s.name for s in Bench(BenchOptions(model_shape="tiny", method=method, device="cpu")).default_specs()]
+        assert names[:2] == ["baseline", "tunesmith"] and names[-1] == "baseline[again]"
+        assert not any("compile" in n for n in names)
+        assert {"-packed_attention", "-liger", "-chunked_loss", "tunesmith[same data]"} <= set(names)
+        assert ("tunesmith+adamw8bit" in names) == (method == "qlora")
+        assert ("-fused_lora" in names) == (method != "full")
+
+
+def test_warm_up_pass_runs_before_anything_is_timed_and_drift_is_reported(capsys):
+    results = run_bench(
+        BenchOptions(
+            model_shape="tiny", method="lora", seq_len=64, steps=2, warmup=1, device="cpu",
+            variants=["baseline", "tunesmith", "tunesmith[same data]", "baseline[again]"],
+        )
+    )
+    printed = capsys.readouterr().out
+    # the warm-up pass: every packed row once, and one plain row (the [same data] variant's shape)
+    assert "warm-up pass (tunesmith, untimed): 4 steps" in printed
+    assert printed.index("warm-up pass") < printed.index("[bench] baseline:")
+    assert [r.variant for r in results] == ["baseline", "tunesmith", "tunesmith[same data]", "baseline[again]"]
+    assert all(not r.error and r.tokens_per_s > 0 for r in results), [r.error for r in results]
+    assert "drift" in results[-1].note and "vs first" in results[-1].note
+    assert results[1].spread >= 0.0 and "spread" in printed and "median of 2 steps after 1 warm-up" in printed
+
+
+def test_baseline_again_keeps_its_time_when_the_budget_runs_short(monkeypatch):
+    from tunesmith.bench import harness
+
+    bench = harness.Bench(BenchOptions(model_shape="tiny", method="lora", seq_len=32, steps=1, warmup=0,
+                                       device="cpu", time_budget_s=1000))
+    ran = []
+    monkeypatch.setattr(harness.Bench, "build", lambda self, spec: (ran.append(spec.name) or (None, None, None)))
+    monkeypatch.setattr(harness, "time_steps", lambda *a, **k: ([0.01], 1.0))
+    clock = {"t": 0.0}
+    monkeypatch.setattr(harness.Bench, "elapsed", lambda self: clock["t"])
+    specs = [harness.Spec("baseline", kind="baseline"), harness.Spec("tunesmith"), harness.Spec("-liger"),
+             harness.Spec("baseline[again]", kind="baseline")]
+    bench.durations["baseline"] = 100.0
+    clock["t"] = 1000 - 110  # 110 s left: the baseline again needs 105 of them
+    bench.run_variant(specs[1], specs[2:])
+    clock["t"] = 1000 - 104
+    bench.run_variant(specs[3], [])
+    assert ran == ["baseline[again]"]
+    assert bench.results[0].note == "skipped: time budget" and bench.results[1].variant == "baseline[again]"
+
+
+def test_summary_renders_results_of_older_runs():
+    from tunesmith.bench.summary import render
+
+    payload = {
+        "options": {"model_shape": "internlm-7b", "method": "lora", "seq_len": 2048, "steps": 4, "warmup": 2},
+        "device": "NVIDIA H200 (140 GiB)",
+        "matmul_tflops": 800.0,
+        "results": [{"variant": "baseline", "tokens_per_s": 4233.0, "peak_gib": 18.78, "ratio": 1.0, "loss": 12.3,
+                     "note": "", "error": "", "old_field": 1}],
+    }
+    text = render(payload)
+    assert "baseline" in text and "4,233" in text and "median of 4 steps after 2 warm-up" in text
+
+
+def test_longest_says_when_it_measured_nothing(monkeypatch):
+    from tunesmith.bench import harness
+
+    bench = harness.Bench(BenchOptions(model_shape="tiny", method="lora", seq_len=64, longest=True,
+                                       longest_max=128, device="cpu"))
+    monkeypatch.setattr(harness.Bench, "_search", lambda self, *a: (0, None))
+    bench.run_longest()
+    assert all(r.note.startswith("not measured") for r in bench.results)
+
+
+def test_profile_reports_how_busy_the_gpu_was(monkeypatch, capsys):
+    """The CUDA branch of the profile summary, with a stand-in profiler (no GPU here)."""
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    from tunesmith.bench import harness
+
+    class Evt:
+        def __init__(self, name, device_type, us, annotation=False):
+            self.key, self.device_type, self.self_device_time_total = name, device_type, us
+            self.is_user_annotation = annotation
+
+    class Events(list):
+        def table(self, sort_by, row_limit, max_name_column_width=60):
+            assert sort_by in ("self_device_time_total", "self_cpu_time_total")
+            return f"<table by {sort_by}>"
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def key_averages(self):
+            return Events([Evt("aten::mm", DeviceType.CPU, 90_000), Evt("gemm", DeviceType.CUDA, 150_000),
+                           Evt("Optimizer.step", DeviceType.CUDA, 30_000, annotation=True),
+                           Evt("elementwise", DeviceType.CUDA, 50_000)])
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(harness, "sync", lambda device: None)
+    bench = harness.Bench(BenchOptions(model_shape="tiny", device="cpu"))
+    bench.device = torch.device("cuda")
+    busy = bench.profile("tunesmith", lambda *a: None, None, None, None, step_ms=400.0)
+    assert busy == pytest.approx(0.5)  # 200 ms of kernels (annotations and CPU rows not counted) in 400 ms
+    out = capsys.readouterr().out
+    assert "GPU busy 50% (host-bound" in out and "<table by self_device_time_total>" in out
+    assert "<table by self_cpu_time_total>" in out and bench.profiles

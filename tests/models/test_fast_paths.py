@@ -7,6 +7,7 @@ and compare loss and LoRA gradients with bf16 tolerances (they are skipped witho
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -19,13 +20,18 @@ from tunesmith.models.fast import (
     apply_fast_paths,
     apply_fused_lora,
     apply_liger_kernels,
+    attention,
     causal_lm_loss_sum,
     loss_options,
     model_loss_sum,
     remove_fused_lora,
     set_checkpointed_layers,
 )
-from tunesmith.models.fast.attention import segments_from_position_ids, set_attention
+from tunesmith.models.fast.attention import (
+    packing_from_position_ids,
+    segments_from_position_ids,
+    set_attention,
+)
 from tunesmith.models.fast.loss import auto_chunk_size
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -233,6 +239,118 @@ def test_segments_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert segments_from_position_ids(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
     assert segments_from_position_ids(torch.arange(6).view(1, -1)) is None
+
+
+def test_packing_cu_seqlens_span_the_flattened_rows():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    p = packing_from_position_ids(pos)
+    assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens.tolist() == [0, 3, 5, 6, 12]
+    assert p.max_len == 6
+    # one [1, L] tensor shared by three rows
+    shared = torch.tensor([[0, 1, 0, 1, 2]])
+    p3 = packing_from_position_ids(shared, 3)
+    assert p3.cu_seqlens.tolist() == [0, 2, 5, 7, 10, 12, 15] and p3.max_len == 3
+    assert p3.spans == [[(0, 2), (2, 5)]] * 3
+    # every row one sample: nothing to do
+    assert packing_from_position_ids(torch.arange(5).repeat(2, 1)) is None
+
+
+def test_packing_is_computed_once_per_forward_pass(monkeypatch):
+    """One host copy per batch, shared by every layer and by the checkpointed layers' recompute."""
+    calls = []
+    real = attention._host_copy
+    monkeypatch.setattr(attention, "_host_copy", lambda t: calls.append(1) or real(t))
+    model = lora(tiny_llama(layers=3))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    set_attention(model, PACKED_SDPA)
+    batch = packed_batch()
+    loss, _ = model_loss_sum(model, batch, chunked=False)
+    loss.backward()
+    assert len(calls) == 1
+    batch2 = {k: v.clone() for k, v in batch.items()}
+    model_loss_sum(model, batch2, chunked=False)[0].backward()
+    assert len(calls) == 2  # a new batch is a new tensor: computed again, never stale
+
+
+def _reference_varlen(q, k, v, cu, max_len, scale):
+    """What the flash kernel computes, in plain torch: causal attention inside each cu segment."""
+    assert cu.dtype == torch.int32 and q.dim() == 3 and q.is_contiguous() and k.is_contiguous()
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for s, e in itertools.pairwise(bounds):
+        assert 0 < e - s <= max_len
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_plumbing_matches_plain_with_an_emulated_kernel(monkeypatch, kv_heads):
+    """The single-call path (layouts, cu_seqlens across rows, grouped heads, gradients) on CPU, with the flash
+    kernel replaced by :func:`_reference_varlen`; the real kernel is checked by the gpu tests."""
+    monkeypatch.setattr(attention, "packed_backend", lambda q, k, dropout=0.0: "varlen")
+    monkeypatch.setattr(attention, "_flash_forward", _reference_varlen)
+    batch = packed_batch()
+    ref_model = lora(tiny_llama(kv_heads=kv_heads))
+    fast_model = copy.deepcopy(ref_model)
+    set_attention(fast_model, PACKED_SDPA)
+    # the recompute of checkpointed layers goes through the same path
+    fast_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast_model.train()
+    ref_model.train()
+    loss_ref, _ = model_loss_sum(ref_model, batch, chunked=False)
+    loss_ref.backward()
+    loss, _ = model_loss_sum(fast_model, batch, chunked=False)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_call_matches_the_ops_schema_on_meta_tensors():
+    """The real op, shapes only (meta tensors): argument order, output layout and its backward."""
+    assert attention.flash_varlen_available()
+    b, h, length, d = 2, 4, 12, 16
+    q = torch.randn(b, length, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(b, length, 2, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    packing = attention.Packing(
+        spans=[[(0, 5), (5, 12)], [(0, 12)]],
+        cu_seqlens=torch.tensor([0, 5, 12, 24], dtype=torch.int32, device="meta"),
+        max_len=12,
+    )
+    out = attention.flash_varlen(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), packing, 0.25)
+    assert out.shape == (b, length, h, d)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and kv.grad.shape == kv.shape
+
+
+def test_packed_backend_choice(monkeypatch):
+    q = torch.randn(1, 4, 8, 16)
+    assert attention.packed_backend(q, q) == "loop"  # CPU, fp32
+    if torch.cuda.is_available():
+        qc = q.cuda().bfloat16()
+        assert attention.packed_backend(qc, qc, dropout=0.1) == "loop"
+        monkeypatch.setattr(attention, "BACKEND", "loop")
+        assert attention.packed_backend(qc, qc) == "loop"
+
+
+def test_varlen_failure_falls_back_to_the_loop(monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(attention, "packed_backend", lambda q, k, dropout=0.0: "varlen")
+    monkeypatch.setattr(attention, "_flash_forward", broken)
+    monkeypatch.setattr(attention, "_varlen_broken", None)
+    model = tiny_llama()
+    batch = packed_batch()
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        set_attention(model, PACKED_SDPA)
+        fast = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert attention._varlen_broken and "no kernel image" in attention._varlen_broken
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -469,7 +587,10 @@ def test_set_checkpointed_layers():
 
 
 def test_auto_keep_activations_from_two_measured_peaks(monkeypatch):
-    from tunesmith.models.fast.checkpointing import auto_keep_activations, layers_within_budget
+    from tunesmith.models.fast.checkpointing import (
+        auto_keep_activations,
+        layers_within_budget,
+    )
 
     model = tiny_llama(layers=8)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -560,6 +681,53 @@ def test_gpu_packed_attention_matches_plain():
     plain, fast, ref = _gpu_models()
     set_attention(fast, PACKED_SDPA)
     _check_against_fp32(plain, fast, ref, _gpu_batch(), {"chunked": False})
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_gpu_varlen_kernel_matches_per_sample_sdpa(kv_heads):
+    """The single flash-varlen call against one SDPA call per sample (the loop), bf16, two packed rows:
+    outputs and q / k / v gradients."""
+    if attention.packed_backend(torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16),
+                                torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)) != "varlen":
+        pytest.skip(f"varlen flash kernel not usable here ({attention._varlen_broken or 'see packed_backend'})")
+    torch.manual_seed(0)
+    batch = _gpu_batch()
+    pos = batch["position_ids"]
+    b, length = pos.shape
+    q0 = torch.randn(b, length, 8, 64, device="cuda", dtype=torch.bfloat16)
+    kv0 = torch.randn(b, length, kv_heads * 2, 64, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (attention.flash_varlen, attention.loop_attention):
+        q = q0.clone().requires_grad_()
+        kv = kv0.clone().requires_grad_()
+        k, v = kv[..., :kv_heads, :].transpose(1, 2), kv[..., kv_heads:, :].transpose(1, 2)
+        packing = packing_from_position_ids(pos)
+        out = fn(q.transpose(1, 2), k, v, packing, 0.125)
+        assert out.shape == (b, length, 8, 64)
+        (out.float() * torch.linspace(-1, 1, 64, device="cuda")).sum().backward()
+        results.append((out.float(), q.grad.float(), kv.grad.float()))
+    for got, want in zip(results[0], results[1]):
+        rel = float((got - want).norm() / want.norm())
+        assert rel < 2e-2, rel
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_packed_attention_uses_varlen_and_matches_plain_with_grouped_heads(monkeypatch):
+    plain = lora(tiny_llama(dtype=torch.bfloat16, device="cuda", vocab=1000, layers=2, kv_heads=2)).cuda()
+    fast = copy.deepcopy(plain)
+    ref = copy.deepcopy(plain).float()
+    set_attention(fast, PACKED_SDPA)
+    q = torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
+    assert attention.packed_backend(q, q) == "varlen", attention._varlen_broken
+    calls = []
+    real = attention._flash_forward
+    monkeypatch.setattr(attention, "_flash_forward", lambda *a: calls.append(1) or real(*a))
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), {"chunked": False})
+    assert attention._varlen_broken is None
+    assert len(calls) == 2  # one call per layer for the one forward pass of the fast model
 
 
 @pytest.mark.gpu

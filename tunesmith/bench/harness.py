@@ -8,16 +8,25 @@ Variants (names as printed):
   torch AdamW, ``model(input_ids, labels=...)`` on one ``1 x L`` row. QLoRA: NF4 + double quant + bf16 compute,
   then ``prepare_model_for_kbit_training``. Full: every weight trained, no peft.
 * ``tunesmith``: the same shape and hyper-parameters from ``TrainConfig(method=...)``: LoRA from ``cfg.lora``,
-  k-bit preparation that keeps embeddings / norms / head in bf16, ``apply_fast_paths(model, cfg)``, the loss
-  through ``model_loss_sum`` (chunked / fused CE), fused AdamW, on oasst1-shaped packed rows
-  (:mod:`tunesmith.bench.data`). Full activation checkpointing.
-* ``tunesmith[ckpt auto]``: as ``tunesmith`` but with as many layers left un-checkpointed as fit in the budget
-  (the baseline's peak for LoRA / full, 8 GiB for QLoRA), from two measured peaks.
-* ``tunesmith[same data]``: the best tunesmith configuration on the baseline's own row (one sample, loss on
-  every token): the speed-up that does not come from packing.
-* ``-packed_attention``, ``-liger``, ``-chunked_loss``, ``-fused_lora``, ``+compile-liger``, ``+adamw8bit``: the
-  best configuration with one switch flipped (compile with liger off: inductor fuses those ops itself).
-* ``tunesmith[no ckpt]``: no activation checkpointing at all, whatever the memory: the speed ceiling.
+  k-bit preparation that keeps embeddings / norms / head in bf16, ``apply_fast_paths(model, cfg)`` with the
+  default fast paths, the loss through ``model_loss_sum`` (chunked / fused CE), fused AdamW, on oasst1-shaped
+  packed rows (:mod:`tunesmith.bench.data`), and as many layers left un-checkpointed as fit in the memory budget
+  (the baseline's peak for LoRA / full, 8 GiB for QLoRA), from two measured peaks (``ckpt auto``).
+* ``tunesmith[ckpt full]``: every layer checkpointed (the least memory); ``tunesmith[no ckpt]``: none (the
+  speed ceiling, whatever the memory).
+* ``tunesmith[same data]``: ``tunesmith`` on the baseline's own row (one sample, loss on every token): the
+  speed-up that does not come from packing.
+* ``tunesmith+adamw8bit`` (QLoRA): bitsandbytes' 8-bit AdamW, for the memory it saves.
+* ``-packed_attention``, ``-liger``, ``-chunked_loss``, ``-fused_lora``: ``tunesmith`` with one switch off.
+* ``baseline[again]``: the baseline once more, timed last: the drift of the machine over the run.
+
+Method (timings on a GPU are only worth something warm): before anything is timed, one untimed pass builds the
+first tunesmith variant and runs every distinct batch the variants will see once (Triton JIT of the liger
+kernels, cuBLAS / flash heuristics, allocator growth, the first fused optimizer step). Each variant then runs
+``warmup`` untimed steps and ``steps`` timed ones (each synchronised) and reports the median step; the spread
+column is (slowest - fastest) / median of the timed steps. ``--profile`` adds one profiled step of the baseline
+and of ``tunesmith``: the top kernels, the top host-side ops, and how busy the GPU was during a step (a step the
+GPU is idle in is host-bound: Python, dispatch and kernel-launch overhead, not arithmetic).
 
 The model is built from a config with random weights directly on the device (bf16), so nothing is downloaded.
 Until ``tunesmith.models.prepare_for_training`` lands, the tunesmith variant assembles the same steps here
@@ -54,8 +63,8 @@ class BenchOptions:
     model_shape: str = "tiny"
     method: str = "lora"
     seq_len: int = 2048
-    steps: int = 5
-    warmup: int = 2
+    steps: int = 8
+    warmup: int = 3
     variants: list[str] | None = None  # None: the default set for the method
     profile: bool = False
     longest: bool = False
@@ -78,6 +87,8 @@ class Result:
     loss: float = float("nan")
     note: str = ""
     error: str = ""
+    spread: float = 0.0  # (slowest - fastest) / median of the timed steps
+    gpu_busy: float = 0.0  # device time / step time of the profiled step (0: not profiled)
 
 
 @dataclass
@@ -92,7 +103,7 @@ class Spec:
     fused_lora: bool = True
     compile: bool = False
     optimizer: str = "adamw"  # adamw | adamw8bit
-    ckpt: str = "full"  # full | auto | none
+    ckpt: str = "auto"  # auto | full | none | N (layers left un-checkpointed)
     data: str = "packed"  # packed | plain
     extra: dict = field(default_factory=dict)
 
@@ -348,6 +359,8 @@ class Bench:
         self.peak_flops = 0.0
         self.best_keep: dict[str, int] = {}  # per optimizer: layers without checkpointing chosen by ckpt auto
         self.profiles: list[str] = []
+        self._batches: dict[str, tuple[list[dict], float]] = {}
+        self.durations: dict[str, float] = {}  # wall seconds of each variant that ran (build + steps)
 
     # -- helpers
     def elapsed(self) -> float:
@@ -375,29 +388,76 @@ class Bench:
         return model, make_optimizer(model, spec.optimizer, fused=True), make_tunesmith_step(speed, self.device)
 
     def batches(self, spec: Spec) -> tuple[list[dict], float]:
-        n = self.o.warmup + self.o.steps
-        if spec.kind == "baseline" or spec.data == "plain":
-            return [plain_batch(self.o.seq_len, self.shape.vocab, self.device, seed=i) for i in range(n)], float(
-                self.o.seq_len
-            )
-        rows = packed_batches(self.o.seq_len, self.shape.vocab, n, self.device, seed=0)
-        ctx = statistics.mean(effective_context(r["sample_lengths"]) for r in rows)
-        return rows, ctx
+        """The rows a variant trains on: the same ones for every variant of a kind (made once, seed 0)."""
+        kind = "plain" if spec.kind == "baseline" or spec.data == "plain" else "packed"
+        if kind not in self._batches:
+            n = self.o.warmup + self.o.steps
+            if kind == "plain":
+                rows = [plain_batch(self.o.seq_len, self.shape.vocab, self.device, seed=i) for i in range(n)]
+                self._batches[kind] = rows, float(self.o.seq_len)
+            else:
+                rows = packed_batches(self.o.seq_len, self.shape.vocab, n, self.device, seed=0)
+                ctx = statistics.mean(effective_context(r["sample_lengths"]) for r in rows)
+                self._batches[kind] = rows, ctx
+        return self._batches[kind]
 
     def ckpt_budget_gib(self) -> float | None:
         if self.o.method == "qlora":
             return self.o.qlora_budget_gib
         return self.baseline_peak()
 
-    def run_variant(self, spec: Spec) -> None:
+    def time_needed(self, spec: Spec) -> float:
+        """Seconds a variant is expected to take (the median of those of its kind that ran; 25 s before)."""
+        if spec.compile:
+            return 100.0
+        same = [t for name, t in self.durations.items() if name.startswith("baseline") == (spec.kind == "baseline")]
+        return statistics.median(same) if same else 25.0
+
+    def reserve(self, specs_left: list[Spec]) -> float:
+        """Time kept back for ``baseline[again]`` (it runs last whatever else is skipped)."""
+        if "baseline" in self.durations and any(s.name == "baseline[again]" for s in specs_left):
+            return self.durations["baseline"] + 5.0
+        return 0.0
+
+    # -- warm-up pass
+    def warm_up(self, specs: list[Spec]) -> None:
+        """One untimed pass before any variant is timed: the first tunesmith variant runs every distinct batch
+        the tunesmith variants will see once, so one-off costs (Triton JIT of the liger kernels, kernel
+        heuristics for each new shape, allocator growth, the first fused optimizer step) land here."""
+        tun = [s for s in specs if s.kind == "tunesmith"]
+        if not tun or self.budget_left() < 30:
+            return
+        spec = tun[0]
+        t0 = time.perf_counter()
+        model = opt = step = None
+        n = 0
+        try:
+            free(self.device)
+            model, opt, step = self.build(spec)
+            for kind in dict.fromkeys("plain" if s.data == "plain" else "packed" for s in tun):
+                rows, _ = self.batches(Spec("warm-up", data=kind))
+                for batch in rows if kind == "packed" else rows[:1]:  # plain rows all have one shape
+                    step(model, opt, batch)
+                    n += 1
+            sync(self.device)
+            log(f"[bench] warm-up pass ({spec.name}, untimed): {n} steps in {time.perf_counter() - t0:.1f}s")
+        except Exception as exc:  # noqa: BLE001 - the variants still run (and report) without it
+            log(f"[bench] warm-up pass failed: {type(exc).__name__}: {exc}")
+        finally:
+            del model, opt, step
+            free(self.device)
+
+    def run_variant(self, spec: Spec, specs_left: list[Spec]) -> None:
         from tunesmith.models.fast import set_checkpointed_layers
 
-        need = 100 if spec.compile else 25
-        if self.budget_left() < need:
+        need = self.time_needed(spec)
+        reserve = 0.0 if spec.name == "baseline[again]" else self.reserve(specs_left)
+        if self.budget_left() - reserve < need:
             self.results.append(Result(spec.name, note="skipped: time budget"))
             log(f"[bench] {spec.name}: skipped (time budget)")
             return
         log(f"[bench] {spec.name}: building ({self.elapsed():.0f}s elapsed)")
+        t_start = time.perf_counter()
         model = opt = step = None
         res = Result(spec.name)
         try:
@@ -417,20 +477,30 @@ class Bench:
                 notes.append(f"ctx {ctx:.0f}")
             reset_peak(self.device)
             times, loss = time_steps(step, model, opt, batches, self.o.warmup, self.o.steps, self.device)
-            res.step_ms = statistics.median(times) * 1000
-            res.tokens_per_s = self.o.seq_len / statistics.median(times)
+            med = statistics.median(times)
+            res.step_ms = med * 1000
+            res.tokens_per_s = self.o.seq_len / med
+            res.spread = (max(times) - min(times)) / med if med > 0 else 0.0
             res.peak_gib = peak_gib(self.device)
             res.loss = loss
             res.mfu = mfu(res.tokens_per_s, flops_per_token(self.shape, self.o.method, ctx), self.peak_flops)
-            res.note = ", ".join(notes)
-            if self.o.profile and (spec.name == "baseline" or spec.name.startswith("tunesmith[ckpt auto]")):
+            if spec.name == "baseline[again]":
+                first = next((r for r in self.results if r.variant == "baseline" and r.tokens_per_s > 0), None)
+                if first:
+                    notes.append(f"drift {100 * (res.tokens_per_s / first.tokens_per_s - 1):+.1f}% vs first")
+            self.durations[spec.name] = time.perf_counter() - t_start
+            if self.o.profile and spec.name in ("baseline", "tunesmith"):
                 try:
-                    self.profile(spec.name, step, model, opt, batches[0])
+                    res.gpu_busy = self.profile(spec.name, step, model, opt, batches[0], res.step_ms)
+                    if res.gpu_busy:
+                        notes.append(f"GPU busy {100 * res.gpu_busy:.0f}%")
                 except Exception as exc:  # noqa: BLE001 - a profiler problem must not lose the timing
                     log(f"[bench] profile of {spec.name} failed: {type(exc).__name__}: {exc}")
+            res.note = ", ".join(notes)
             log(
                 f"[bench] {spec.name}: {res.tokens_per_s:,.0f} tok/s, peak {res.peak_gib:.2f} GiB, "
-                f"step {res.step_ms:.0f} ms, loss {loss:.3f} {res.note}"
+                f"step {res.step_ms:.0f} ms (steps {', '.join(f'{t * 1000:.0f}' for t in times)}), "
+                f"loss {loss:.3f} {res.note}"
             )
         except Exception as exc:  # noqa: BLE001 - one variant failing must not stop the table
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
@@ -448,7 +518,10 @@ class Bench:
 
     def plan_checkpointing(self, model, opt, step, batches, optimizer: str) -> int:
         """Layers to leave un-checkpointed within the budget (``auto_keep_activations``: two measured steps)."""
-        from tunesmith.models.fast.checkpointing import auto_keep_activations, decoder_layers
+        from tunesmith.models.fast.checkpointing import (
+            auto_keep_activations,
+            decoder_layers,
+        )
 
         if optimizer in self.best_keep:
             return self.best_keep[optimizer]
@@ -472,51 +545,66 @@ class Bench:
         self.best_keep[optimizer] = keep
         return keep
 
-    def profile(self, name: str, step, model, opt, batch) -> None:
+    def profile(self, name: str, step, model, opt, batch, step_ms: float) -> float:
+        """One profiled step: top kernels by device time, top host-side ops, and the fraction of the (median,
+        un-profiled) step the device was busy. Returns that fraction (0 on CPU)."""
         from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        on_cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
         with profile(activities=acts) as prof:
             step(model, opt, batch)
             sync(self.device)
-        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        try:
-            table = prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
-        except Exception:
-            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
-        text = f"--- profile: {name} (one step, top kernels by self device time) ---\n{table}"
+        events = prof.key_averages()
+        device_key = "self_device_time_total"
+        if on_cuda and len(events) and not hasattr(events[0], device_key):
+            device_key = "self_cuda_time_total"  # older torch
+        busy = 0.0
+        head = f"--- profile: {name} (one step) ---"
+        parts = []
+        if on_cuda:
+            from torch.autograd import DeviceType
+
+            # kernel time, as the profiler's own "Self CUDA time total" counts it (device events only)
+            device_us = sum(
+                getattr(e, device_key, 0) or 0
+                for e in events
+                if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            )
+            busy = device_us / 1000 / step_ms if step_ms > 0 else 0.0
+            head += (
+                f"\nkernels {device_us / 1000:.0f} ms in a {step_ms:.0f} ms step: GPU busy {100 * busy:.0f}%"
+                + (" (host-bound: launch / Python overhead)" if busy < 0.8 else "")
+            )
+            parts.append("top kernels by device time:")
+            parts.append(_table(events, device_key, 12))
+        parts.append("top ops by host time:")
+        parts.append(_table(events, "self_cpu_time_total", 10))
+        text = "\n".join([head, *parts])
         self.profiles.append(text)
         print(text, flush=True)
+        return busy
 
     # -- the variant lists
     def default_specs(self) -> list[Spec]:
         m = self.o.method
         specs = [Spec("baseline", kind="baseline"), Spec("tunesmith")]
         if m == "qlora":
-            specs += [
-                Spec("tunesmith+adamw8bit", optimizer="adamw8bit"),
-                Spec("tunesmith[ckpt auto]+adamw8bit", optimizer="adamw8bit", ckpt="auto"),
-                Spec("tunesmith[same data]+adamw8bit", optimizer="adamw8bit", ckpt="auto", data="plain"),
-                Spec("-fused_lora", optimizer="adamw8bit", ckpt="auto", fused_lora=False),
-                Spec("-liger", optimizer="adamw8bit", ckpt="auto", liger_kernel="off"),
-                Spec("-packed_attention", optimizer="adamw8bit", ckpt="auto", packed_attention=False),
-                Spec("-chunked_loss", optimizer="adamw8bit", ckpt="auto", chunked_loss=False),
-            ]
-        else:
-            specs += [
-                Spec("tunesmith[ckpt auto]", ckpt="auto"),
-                Spec("tunesmith[same data]", ckpt="auto", data="plain"),
-                Spec("tunesmith[no ckpt]", ckpt="none"),
-                Spec("tunesmith[ckpt auto]+adamw8bit", ckpt="auto", optimizer="adamw8bit"),
-                # inductor fuses the norms / SwiGLU itself; liger's Triton autograd functions would break the graph
-                Spec("+compile-liger", ckpt="auto", compile=True, liger_kernel="off"),
-                Spec("-fused_lora", ckpt="auto", fused_lora=False),
-                Spec("-liger", ckpt="auto", liger_kernel="off"),
-                Spec("-packed_attention", ckpt="auto", packed_attention=False),
-                Spec("-chunked_loss", ckpt="auto", chunked_loss=False),
-            ]
+            specs.append(Spec("tunesmith+adamw8bit", optimizer="adamw8bit"))
+        specs += [
+            Spec("-packed_attention", packed_attention=False),
+            Spec("-fused_lora", fused_lora=False),
+            Spec("-liger", liger_kernel="off"),
+            Spec("-chunked_loss", chunked_loss=False),
+        ]
+        if m != "qlora":
+            specs.append(Spec("tunesmith[no ckpt]", ckpt="none"))
+        specs.append(Spec("tunesmith[same data]", data="plain"))
+        if m != "qlora":
+            specs.append(Spec("tunesmith[ckpt full]", ckpt="full"))
         if m == "full":
             specs = [s for s in specs if s.name != "-fused_lora"]
+        specs.append(Spec("baseline[again]", kind="baseline"))  # drift check: the same loop, timed last
         if self.o.variants:
             wanted = set(self.o.variants)
             specs = [s for s in specs if s.name in wanted]
@@ -527,8 +615,9 @@ class Bench:
         o = self.o
         log(
             f"[bench] shape {o.model_shape}, method {o.method}, seq {o.seq_len}, steps {o.steps} "
-            f"(+{o.warmup} warm-up), device {describe_device(self.device)}"
+            f"(+{o.warmup} warm-up, median reported), device {describe_device(self.device)}"
         )
+
         def _terminate(signum, frame):  # `timeout` sends SIGTERM: still print the table of what ran
             raise SystemExit(128 + signum)
 
@@ -545,8 +634,10 @@ class Bench:
             if o.longest:
                 self.run_longest()
             else:
-                for spec in self.default_specs():
-                    self.run_variant(spec)
+                specs = self.default_specs()
+                self.warm_up(specs)
+                for i, spec in enumerate(specs):
+                    self.run_variant(spec, specs[i + 1 :])
         finally:
             self.finish()
         return self.results
@@ -577,11 +668,10 @@ class Bench:
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             frac = min(1.0, self.o.longest_card_gib * GiB / total)
-            torch.cuda.set_per_process_memory_fraction(frac, self.device)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(frac, index)
             log(f"[bench] longest: emulating a {self.o.longest_card_gib:.0f} GiB card (fraction {frac:.3f})")
         specs = [Spec("baseline", kind="baseline"), Spec("tunesmith", data="plain")]
-        if self.o.method == "qlora":
-            specs[1] = Spec("tunesmith+adamw8bit", data="plain", optimizer="adamw8bit")
         share = self.budget_left() / len(specs)
         for i, spec in enumerate(specs):
             deadline = time.perf_counter() + (self.budget_left() / (len(specs) - i) if i else share)
@@ -590,9 +680,16 @@ class Bench:
             try:
                 model, opt, step = self.build(spec)
                 best, first_fail = self._search(step, model, opt, deadline)
-                res.note = f"longest {best:,} tokens" + (
-                    f" (fails at {first_fail:,})" if first_fail else f" (search stopped at {self.o.longest_max:,})"
-                )
+                if best == 0 and not first_fail:
+                    res.note = "not measured: the time budget ran out before the first length"
+                elif best == 0:
+                    res.note = f"not even {first_fail:,} tokens fit"
+                else:
+                    res.note = f"longest {best:,} tokens" + (
+                        f" (fails at {first_fail:,})"
+                        if first_fail
+                        else f" (search stopped at {self.o.longest_max:,})"
+                    )
                 res.tokens_per_s = 0.0
                 res.peak_gib = float(best)
                 log(f"[bench] longest {spec.name}: {res.note}")
@@ -642,6 +739,13 @@ class Bench:
         return lo, hi
 
 
+def _table(events, sort_by: str, rows: int) -> str:
+    try:
+        return events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    except Exception:  # noqa: BLE001 - column names differ across torch versions
+        return events.table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -652,24 +756,29 @@ def describe_device(device: torch.device) -> str:
 def format_table(results: list[Result], o: BenchOptions, device: torch.device, peak_flops: float) -> str:
     head = (
         f"\n== tunesmith bench: {o.model_shape} {o.method} seq {o.seq_len} on {describe_device(device)}; "
-        f"matmul {peak_flops / 1e12:.2f} TFLOP/s =="
+        f"matmul {peak_flops / 1e12:.2f} TFLOP/s; median of {o.steps} steps after {o.warmup} warm-up =="
     )
     if o.longest:
         lines = [head, f"{'variant':<32} {'longest sequence':>40}"]
         for r in results:
             lines.append(f"{r.variant:<32} {r.error or r.note:>40}")
         return "\n".join(lines)
-    cols = f"{'variant':<34} {'tokens/s':>10} {'peak GiB':>9} {'x base':>7} {'MFU':>6} {'step ms':>8} {'loss':>7}  note"
+    cols = (
+        f"{'variant':<26} {'tokens/s':>9} {'peak GiB':>9} {'x base':>7} {'MFU':>6} {'step ms':>8} {'spread':>7} "
+        f"{'loss':>7}  note"
+    )
     lines = [head, cols, "-" * len(cols)]
     for r in results:
         if r.error or r.tokens_per_s <= 0:
-            lines.append(f"{r.variant:<34} {'-':>10} {'-':>9} {'-':>7} {'-':>6} {'-':>8} {'-':>7}  {r.error or r.note}")
+            lines.append(
+                f"{r.variant:<26} {'-':>9} {'-':>9} {'-':>7} {'-':>6} {'-':>8} {'-':>7} {'-':>7}  {r.error or r.note}"
+            )
             continue
         peak = f"{r.peak_gib:.2f}" if not math.isnan(r.peak_gib) else "n/a"
         ratio = f"{r.ratio:.2f}" if r.ratio else "-"
         lines.append(
-            f"{r.variant:<34} {r.tokens_per_s:>10,.0f} {peak:>9} {ratio:>7} {r.mfu * 100:>5.1f}% "
-            f"{r.step_ms:>8.0f} {r.loss:>7.3f}  {r.note}"
+            f"{r.variant:<26} {r.tokens_per_s:>9,.0f} {peak:>9} {ratio:>7} {r.mfu * 100:>5.1f}% "
+            f"{r.step_ms:>8.0f} {100 * r.spread:>6.0f}% {r.loss:>7.3f}  {r.note}"
         )
     return "\n".join(lines)
 

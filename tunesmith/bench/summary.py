@@ -15,10 +15,11 @@ GOALS = {
 
 def render(payload: dict) -> str:
     o = BenchOptions(**{k: v for k, v in payload["options"].items() if k in BenchOptions.__dataclass_fields__})
-    results = [Result(**r) for r in payload["results"]]
+    fields = Result.__dataclass_fields__
+    results = [Result(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
     head = (
         f"\n== {o.model_shape} {o.method} seq {o.seq_len} on {payload['device']}; "
-        f"matmul {payload['matmul_tflops']:.0f} TFLOP/s =="
+        f"matmul {payload['matmul_tflops']:.0f} TFLOP/s; median of {o.steps} steps after {o.warmup} warm-up =="
     )
     lines = [head]
     if o.longest:
@@ -27,14 +28,17 @@ def render(payload: dict) -> str:
         return "\n".join(lines)
     if o.method in GOALS:
         lines.append(GOALS[o.method])
-    lines.append(f"{'variant':<34} {'tok/s':>8} {'GiB':>7} {'x base':>7} {'MFU':>6} {'loss':>6}  note")
+    lines.append(f"{'variant':<26} {'tok/s':>8} {'GiB':>7} {'x base':>7} {'MFU':>6} {'spread':>7} {'loss':>6}  note")
     for r in results:
         if r.error or r.tokens_per_s <= 0:
-            lines.append(f"{r.variant:<34} {'-':>8} {'-':>7} {'-':>7} {'-':>6} {'-':>6}  {(r.error or r.note)[:90]}")
+            lines.append(
+                f"{r.variant:<26} {'-':>8} {'-':>7} {'-':>7} {'-':>6} {'-':>7} {'-':>6}  {(r.error or r.note)[:90]}"
+            )
         else:
             lines.append(
-                f"{r.variant:<34} {r.tokens_per_s:>8,.0f} {r.peak_gib:>7.2f} {r.ratio:>7.2f} "
-                f"{r.mfu * 100:>5.1f}% {r.loss:>6.2f}  {r.note}"
+                f"{r.variant:<26} {r.tokens_per_s:>8,.0f} {r.peak_gib:>7.2f} "
+                f"{(f'{r.ratio:.2f}' if r.ratio else '-'):>7} "
+                f"{r.mfu * 100:>5.1f}% {100 * r.spread:>6.0f}% {r.loss:>6.2f}  {r.note}"
             )
     return "\n".join(lines)
 

@@ -12,10 +12,10 @@ Call order (what the model / train stages do)::
 ===========================  =========================================================  =================
 ``cfg.speed`` key            what it does                                               where
 ===========================  =========================================================  =================
-``packed_attention``         per-sample causal SDPA (flash kernel) for packed rows      ``attention.py``
+``packed_attention``         one varlen flash-attention call per layer, packed rows     ``attention.py``
 ``liger_kernel`` auto/on/off liger RMSNorm + SwiGLU modules; fused linear CE in loss     ``kernels.py``
 ``chunked_loss``             CE in chunks, ignored targets dropped before the head      ``loss.py``
-``compile``                  ``torch.compile`` of each decoder layer                    here
+``compile``                  ``torch.compile`` of each decoder layer (off: see NOTES)   here
 ``fused_lora`` (proposed)    LoRA add folded into one bf16 addmm (peft layers)          ``lora.py``
 ===========================  =========================================================  =================
 
@@ -28,7 +28,12 @@ from typing import Any
 
 from torch import nn
 
-from tunesmith.models.fast.attention import PACKED_SDPA, apply_packed_attention, register_packed_attention
+from tunesmith.models.fast.attention import (
+    PACKED_SDPA,
+    apply_packed_attention,
+    packed_backend,
+    register_packed_attention,
+)
 from tunesmith.models.fast.checkpointing import set_checkpointed_layers
 from tunesmith.models.fast.kernels import apply_liger_kernels, use_liger
 from tunesmith.models.fast.lora import apply_fused_lora, remove_fused_lora
@@ -44,6 +49,7 @@ __all__ = [
     "compile_decoder_layers",
     "loss_options",
     "model_loss_sum",
+    "packed_backend",
     "register_packed_attention",
     "remove_fused_lora",
     "set_checkpointed_layers",
