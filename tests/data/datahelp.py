@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 FILES = Path(__file__).resolve().parent / "files"
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+# the team's shared data folder sits beside the checkout (../shared); a CI checkout elsewhere can point
+# TUNESMITH_SHARED_DATA at it, and the usual workplace location is tried last
+_CANDIDATES = [os.environ.get("TUNESMITH_SHARED_DATA", ""), str(Path(__file__).resolve().parents[3] / "shared" / "data"),
+               "/work/shared/data"]
+SHARED = next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), Path(_CANDIDATES[1]))
 
 
 def shared_file(rel: str) -> Path:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-OASST1 = Path("/work/shared/data/oasst1/openassistant_best_replies_eval.jsonl")
+# the guanaco eval sample bundled with the examples (Apache-2.0; the same file as ../shared/data/oasst1's)
+OASST1 = Path(__file__).resolve().parents[2] / "examples" / "data" / "oasst1_guanaco_eval.jsonl"
 
 
 def test_smollm2_lora_oasst1_loss_falls(smollm2_path, tmp_path, capsys):
