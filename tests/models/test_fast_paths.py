@@ -93,6 +93,16 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def assert_same_loss_and_grads(fast_model, ref_model, batch) -> None:
+    """One backward through each model: same summed loss and same gradients (fp32 tolerances)."""
+    loss_ref, _ = model_loss_sum(ref_model, batch, chunked=False)
+    loss_ref.backward()
+    loss, _ = model_loss_sum(fast_model, batch, chunked=False)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
+    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+
+
 def assert_close_dicts(a, b, atol, rtol=0.0):
     assert a.keys() == b.keys() and a
     for k in a:
@@ -301,12 +311,7 @@ def test_varlen_plumbing_matches_plain_with_an_emulated_kernel(monkeypatch, kv_h
     fast_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fast_model.train()
     ref_model.train()
-    loss_ref, _ = model_loss_sum(ref_model, batch, chunked=False)
-    loss_ref.backward()
-    loss, _ = model_loss_sum(fast_model, batch, chunked=False)
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
-    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+    assert_same_loss_and_grads(fast_model, ref_model, batch)
 
 
 def test_varlen_call_matches_the_ops_schema_on_meta_tensors():
@@ -380,12 +385,7 @@ def test_packed_attention_gradients_match_plain():
     fast_model = copy.deepcopy(ref_model)
     apply_fast_paths(fast_model, _speed(liger_kernel="off", fused_lora=False))
     assert fast_model.get_base_model().config._attn_implementation == PACKED_SDPA
-    loss_ref, _ = model_loss_sum(ref_model, batch, chunked=False)
-    loss_ref.backward()
-    loss, _ = model_loss_sum(fast_model, batch, chunked=False)
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
-    assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-5, rtol=1e-5)
+    assert_same_loss_and_grads(fast_model, ref_model, batch)
 
 
 def test_packed_attention_falls_back_for_padding_masks():
