@@ -112,15 +112,17 @@ def test_mean_of_means_would_differ():
 
 
 # ----------------------------------------------------------------------------------------- checkpoint format
-def test_optimizer_state_roundtrip_bit_exact():
-    p = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
-    opt = torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.95))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fused", [False, True])  # the loop uses the fused kernel for CUDA parameters
+def test_optimizer_state_roundtrip_bit_exact(fused, device):
+    p = [torch.nn.Parameter(torch.randn(3, 4, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
+    opt = torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.95), fused=fused)
     for _ in range(3):
         sum((x ** 2).sum() for x in p).backward()
         opt.step()
     tensors, rest = ckpt.flatten_optimizer_state(opt.state_dict())
     json.dumps(rest)  # JSON-able
-    opt2 = torch.optim.AdamW([torch.nn.Parameter(x.detach().clone()) for x in p], lr=5.0)
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(x.detach().clone()) for x in p], lr=5.0, fused=fused)
     opt2.load_state_dict(ckpt.unflatten_optimizer_state(tensors, json.loads(json.dumps(rest))))
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
         for k in a:

@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     resumed = ckpt.load_checkpoint(resume_path, rank=env.rank) if resume_path is not None else None
     if resumed is not None:
         load_trainable_weights(model, resumed["weights"], cfg.method)
-    optimizer = build_optimizer(params, t)
+    optimizer = build_optimizer(params, t, fused=env.device.type == "cuda" and ds_config is None)
     module = CausalLMLoss(model, _loss_options(cfg))
     engine = None
     grad_divisor = 1

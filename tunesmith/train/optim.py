@@ -28,11 +28,18 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def build_optimizer(params: list[torch.nn.Parameter], training: Any) -> torch.optim.Optimizer:
-    """AdamW from torch, or a bitsandbytes variant (training.optimizer)."""
+def build_optimizer(params: list[torch.nn.Parameter], training: Any, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW from torch, or a bitsandbytes variant (training.optimizer).
+
+    `fused` (the loop sets it for CUDA parameters outside DeepSpeed): one fused kernel for every tensor instead
+    of several small kernels per tensor, which matters for LoRA's hundreds of small tensors. A run and its
+    resumed continuation use the same kernel, so resume stays exact.
+    """
     kwargs = {"lr": training.lr, "betas": tuple(training.betas), "weight_decay": training.weight_decay}
     name = training.optimizer
     if name == "adamw":
+        if fused and all(p.is_cuda and p.is_floating_point() for p in params):
+            return torch.optim.AdamW(params, fused=True, **kwargs)
         # foreach=False keeps CPU results bit-identical between a run and its resumed continuation
         return torch.optim.AdamW(params, foreach=False, **kwargs)
     try:
