@@ -66,6 +66,13 @@ def _need(rec: Any, *keys: str) -> None:
         raise RecordError(f"missing column {', '.join(repr(k) for k in missing)} (columns found: {found})")
 
 
+def _nonempty_list(value: Any, key: str, shape: str) -> list:
+    """The record's list of turns / messages, or a RecordError saying what it should look like."""
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"{key!r} must be a non-empty list of {shape}")
+    return value
+
+
 def _text(rec: dict, key: str, *, allow_empty: bool = False) -> str:
     value = rec.get(key, "")
     if value is None:
@@ -93,9 +100,7 @@ def _as_bool(value: Any, key: str) -> bool:
 def conversation_map_fn(rec: Any) -> list[Turn]:
     """XTuner's own format: `{"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]}`."""
     _need(rec, "conversation")
-    conv = rec["conversation"]
-    if not isinstance(conv, list) or not conv:
-        raise RecordError("'conversation' must be a non-empty list of {input, output} turns")
+    conv = _nonempty_list(rec["conversation"], "conversation", "{input, output} turns")
     turns = []
     for i, t in enumerate(conv):
         if not isinstance(t, dict):
@@ -226,11 +231,7 @@ def openai_map_fn(rec: Any) -> list[Turn]:
     assistant, tool (a tool result is prompt text of the next turn, never trained on)."""
     if isinstance(rec, dict):
         _need(rec, "messages")
-        msgs = rec["messages"]
-    else:
-        msgs = rec
-    if not isinstance(msgs, list) or not msgs:
-        raise RecordError("'messages' must be a non-empty list of {role, content}")
+    msgs = _nonempty_list(rec["messages"] if isinstance(rec, dict) else rec, "messages", "{role, content}")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m:
@@ -245,9 +246,7 @@ def openai_map_fn(rec: Any) -> list[Turn]:
 def sharegpt_map_fn(rec: Any) -> list[Turn]:
     """`{"conversations": [{"from": human|gpt|system|function_call|observation, "value"}], "system"?, "tools"?}`."""
     _need(rec, "conversations")
-    conv = rec["conversations"]
-    if not isinstance(conv, list) or not conv:
-        raise RecordError("'conversations' must be a non-empty list of {from, value}")
+    conv = _nonempty_list(rec["conversations"], "conversations", "{from, value}")
     out = []
     system = rec.get("system") or ""
     if rec.get("tools"):
