@@ -15,3 +15,11 @@ class Tool(Protocol):
     example: str  # an example "Action Input"
 
     def run(self, text: str) -> str: ...
+
+
+def strip_quotes(text: str) -> str:
+    """A tool input as the model wrote it, without surrounding whitespace and one pair of enclosing quotes."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1]
+    return text

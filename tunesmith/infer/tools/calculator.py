@@ -13,7 +13,7 @@ import ast
 import math
 import operator
 
-from tunesmith.infer.tools.base import ToolError
+from tunesmith.infer.tools.base import ToolError, strip_quotes
 
 MAX_EXPONENT = 10_000
 MAX_FACTORIAL = 1_000
@@ -150,11 +150,4 @@ class Calculator:
     example = "(12.5 * 4) / 3"
 
     def run(self, text: str) -> str:
-        return calculate(_strip_quotes(text))
-
-
-def _strip_quotes(text: str) -> str:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1]
-    return text
+        return calculate(strip_quotes(text))

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.tools.base import ToolError
-from tunesmith.infer.tools.calculator import _strip_quotes
+from tunesmith.infer.tools.base import ToolError, strip_quotes
 
 DEFAULT_BASE_URL = "https://google.serper.dev"
 KEY_HINT = "get a free key at https://serper.dev (sign up, then 'API key'), then: export SERPER_API_KEY=<your key>"
@@ -38,7 +37,7 @@ class WebSearch:
     def run(self, text: str) -> str:
         import httpx
 
-        query = _strip_quotes(text)
+        query = strip_quotes(text)
         if not query:
             raise ToolError("empty search query")
         url = f"{self.base_url}/search"

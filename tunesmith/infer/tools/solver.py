@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ast
 
-from tunesmith.infer.tools.base import ToolError
-from tunesmith.infer.tools.calculator import FUNCTIONS, _strip_quotes, parse_safe
+from tunesmith.infer.tools.base import ToolError, strip_quotes
+from tunesmith.infer.tools.calculator import FUNCTIONS, parse_safe
 
 _SYMPY_FUNCS = {
     "sqrt": "sqrt", "exp": "exp", "log": "log", "ln": "log", "sin": "sin", "cos": "cos", "tan": "tan",
@@ -101,4 +101,4 @@ class Solver:
     example = "x^2 - 5*x + 6 = 0"
 
     def run(self, text: str) -> str:
-        return solve(_strip_quotes(text))
+        return solve(strip_quotes(text))
