@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -62,6 +63,27 @@ def test_full_finetune_run(make_cfg, tmp_path):
     weights = load_file(str(work / "iter_3.pth" / "model.safetensors"))
     assert "model.embed_tokens.weight" in weights and "lm_head.weight" in weights  # HF names, untied head
     assert not (work / "iter_3.pth" / "adapter_config.json").exists()
+
+
+def test_progress_bars_report_tokenizing_and_steps(make_cfg, tmp_path, monkeypatch):
+    """With progress on, the tokenizing bar receives (done, total) and the training bar every step."""
+    from tunesmith.train import metrics
+
+    seen: list[tuple[int, int]] = []
+    real = metrics.count_progress
+
+    @contextlib.contextmanager
+    def spy(description, *, enabled):
+        with real(description, enabled=enabled) as report:
+            yield (lambda done, total: (seen.append((done, total)), report(done, total))) if report else None
+
+    monkeypatch.setattr("tunesmith.train.loop.count_progress", spy)
+    steps: list[int] = []
+    monkeypatch.setattr(metrics.ProgressBar, "update", lambda self, step, epoch, values: steps.append(step))
+    cfg = make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}, data={"cache_dir": str(tmp_path / "c")})
+    train(cfg, work_dir=tmp_path / "work", progress=True)
+    assert seen and seen[-1][0] == seen[-1][1] > 0  # tokenized every conversation
+    assert steps == [1, 2]
 
 
 def test_qlora_run(make_cfg, tmp_path):

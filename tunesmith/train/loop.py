@@ -42,8 +42,8 @@ from tunesmith.models.fast import apply_fast_paths, loss_options, remove_fused_l
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
     DistEnv,
-    deepspeed_config_path,
     barrier,
+    deepspeed_config_path,
     gather_to_main,
     gathered_parameters,
     rank0_first,
@@ -53,8 +53,13 @@ from tunesmith.train.distributed import (
     zero_stage,
 )
 from tunesmith.train.eval_hook import EvaluateChat
-from tunesmith.train.loss import CausalLMLoss, loss_scale_for, scaled_micro_loss, window_tokens
-from tunesmith.train.metrics import MetricsWriter, ProgressBar
+from tunesmith.train.loss import (
+    CausalLMLoss,
+    loss_scale_for,
+    scaled_micro_loss,
+    window_tokens,
+)
+from tunesmith.train.metrics import MetricsWriter, ProgressBar, count_progress
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
 
 
@@ -311,8 +316,9 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     model, tokenizer = load_model_and_tokenizer(cfg, env, precision, stage)
     from tunesmith.data import build_train_dataset, make_dataloader
 
-    dataset, stats = rank0_first(env, lambda: build_train_dataset(cfg, tokenizer),
-                                 timeout_minutes=cfg.distributed.dataset_timeout_minutes)
+    with count_progress("tokenizing", enabled=env.is_main and progress) as report:
+        dataset, stats = rank0_first(env, lambda: build_train_dataset(cfg, tokenizer, progress=report),
+                                     timeout_minutes=cfg.distributed.dataset_timeout_minutes)
     if len(dataset) == 0:
         raise TunesmithError(f"no training samples in {cfg.data.path}",
                              "run `tunesmith check-custom-dataset CONFIG` to see what was dropped")
