@@ -125,6 +125,25 @@ def test_jinja_export_renders_like_the_renderer(name, add_bos):
             turns, system=system or None, bos=bos, eos="</s>")
 
 
+@pytest.mark.parametrize("name", ["chatml", "internlm2_chat", "llama3_chat", "default"])
+def test_jinja_export_groups_tool_and_user_messages_like_the_openai_reader(name):
+    from tunesmith.data.readers import openai_map_fn
+
+    t = TEMPLATES[name]
+    msgs = [{"role": "assistant", "content": "stray greeting"},  # before any user: skipped, as in training
+            {"role": "system", "content": "S"}, {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": "Action: search"}, {"role": "tool", "content": "18C, sunny"},
+            {"role": "user", "content": "and tomorrow?"}, {"role": "assistant", "content": "Rain."}]
+    turns = openai_map_fn({"messages": msgs})
+    assert [x.input for x in turns] == ["weather in Paris?", "18C, sunny\nand tomorrow?"]
+    source = chat_template_jinja(t)
+    assert _jinja(source, msgs, bos_token="<s>", eos_token="</s>") == t.render(turns, bos="", eos="</s>")
+    # ending on a tool result: the generation prompt for the model's next step
+    prompt_msgs = msgs[:5]
+    assert _jinja(source, prompt_msgs, bos_token="<s>", eos_token="</s>") == t.render_prompt(
+        [turns[0], Turn("18C, sunny", "")], system="S", bos="", eos="</s>")
+
+
 def test_jinja_export_through_transformers(smol_tok):
     import copy
 

@@ -265,33 +265,41 @@ def _expr(pattern: str, values: dict[str, str]) -> str:
 
 
 def chat_template_jinja(template: Template | str, *, add_bos: bool = False, default_system: str = "") -> str:
-    """A Jinja `chat_template` that renders `messages` (system / user / assistant) to the same text as
+    """A Jinja `chat_template` that renders `messages` (system / user / tool / assistant) to the same text as
     `Template.render` / `render_prompt` with the tokenizer's bos/eos token strings (`add_bos`: the tokenizer
-    starts sequences with BOS). A conversation ending with a user message renders as the generation prompt
-    (XTuner's INSTRUCTION already ends with the assistant header). `default_system` is used when the
-    conversation has no system message (see encode.tokenizer_default_system)."""
+    starts sequences with BOS). Messages are grouped into turns as the openai reader groups them for training:
+    consecutive user and tool messages form one input (joined by a newline), each assistant message closes a
+    turn, and assistant messages before the first user message are skipped. A conversation ending with user /
+    tool messages renders as the generation prompt (XTuner's INSTRUCTION already ends with the assistant
+    header). `default_system` is used when the conversation has no system message (see
+    encode.tokenizer_default_system)."""
     t = get_template(template) if isinstance(template, str) else template
     if t.is_auto:
         raise ValueError("the auto template is the tokenizer's own chat_template already")
     bot = "(bot_name if bot_name is defined else 'BOT')"
-    values = {"system": "ns.system", "input": "message['content']", "round": "(ns.round | string)", "bot_name": bot}
+    values = {"system": "ns.system", "input": "ns.input", "round": "(ns.round | string)", "bot_name": bot}
     system_expr = _expr(t.system, values)
     instr_expr = _expr(t.instruction, values)
     bos = "{% if ns.bos %}{{ bos_token }}{% endif %}" if add_bos else ""
     eos = "" if t.suffix_as_eos else "{{ eos_token }}{% set ns.bos = true %}"
     suffix = f"{{% if message['content'] %}}{{{{ {_lit(t.suffix)} }}}}{{% endif %}}" if t.suffix else ""
     sep = f"{{{{ {_lit(t.sep)} }}}}" if t.sep else ""
+    # one turn's prompt: BOS, the pending system text (once), the instruction around the joined input
+    prompt = (f"{bos}{{% set ns.round = ns.round + 1 %}}"
+              f"{{% if ns.system %}}{{{{ {system_expr} }}}}{{% set ns.system = '' %}}{{% endif %}}"
+              f"{{{{ {instr_expr} }}}}{{% set ns.bos = false %}}{{% set ns.input = none %}}")
     return (
-        f"{{% set ns = namespace(system={_lit(default_system)}, round=0, bos=true) %}}"
+        f"{{% set ns = namespace(system={_lit(default_system)}, round=0, bos=true, input=none) %}}"
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}"
         "{% if loop.first %}{% set ns.system = message['content'] %}"
         "{% else %}{% set ns.system = ns.system ~ message['content'] %}{% endif %}"
-        "{% elif message['role'] == 'user' %}"
-        f"{bos}{{% set ns.round = ns.round + 1 %}}"
-        f"{{% if ns.system %}}{{{{ {system_expr} }}}}{{% set ns.system = '' %}}{{% endif %}}"
-        f"{{{{ {instr_expr} }}}}{{% set ns.bos = false %}}"
-        "{% elif message['role'] == 'assistant' %}"
-        f"{{{{ message['content'] }}}}{suffix}{eos}{sep}"
-        "{% endif %}{% endfor %}"
+        "{% elif message['role'] in ['user', 'tool'] %}"
+        "{% if ns.input is none %}{% set ns.input = message['content'] %}"
+        "{% else %}{% set ns.input = ns.input ~ '\\n' ~ message['content'] %}{% endif %}"
+        "{% elif message['role'] == 'assistant' and ns.input is not none %}"
+        f"{prompt}{{{{ message['content'] }}}}{suffix}{eos}{sep}"
+        "{% endif %}"
+        f"{{% if loop.last and ns.input is not none %}}{prompt}{{% endif %}}"
+        "{% endfor %}"
     )
