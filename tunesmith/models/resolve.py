@@ -76,7 +76,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         )
     if _HUB_ID.match(text) and not text.startswith("."):
         return _from_hub(text)
-    raise TunesmithError(f"model path {text} does not exist", "check the path (model.path in the config)")
+    raise TunesmithError(f"model path {text} does not exist",
+                         "pass a local model folder, a .gguf file, a hub id or builtin:smollm2-135m-instruct "
+                         "(in a training config: model.path)")
 
 
 def _check_folder(folder: Path) -> Path:
