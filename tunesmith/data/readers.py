@@ -446,15 +446,13 @@ def get_format(name: str) -> DatasetFormat:
         raise unknown_name_error("dataset format", name, FORMATS, "list-dataset-format") from None
 
 
-def read_records(path: str | os.PathLike, fmt: str | DatasetFormat, *, name: str | None = None,
-                 split: str | None = "train", max_records: int | None = None,
-                 sheet: str | int | None = None) -> tuple[list[Record], ReadStats]:
-    """All conversations of a dataset. The first bad record raises TunesmithError naming file and line;
-    records a format drops on purpose are counted in `stats.dropped`."""
-    f = get_format(fmt) if isinstance(fmt, str) else fmt
-    stats = ReadStats()
+def _map_records(path: str | os.PathLike, f: DatasetFormat, stats: ReadStats,
+                 on_error: Callable[[RawRecord, RecordError], None], *, max_records: int | None = None,
+                 **raw_options: Any) -> list[Record]:
+    """Every raw record of `path` through the format's map function, counted in `stats`. Records the format
+    skips on purpose count as dropped; a record it rejects goes to `on_error` (raise, or collect and go on)."""
     records: list[Record] = []
-    for raw in iter_raw(path, name=name, split=split, sheet=sheet):
+    for raw in iter_raw(path, **raw_options):
         if max_records is not None and stats.records_read >= max_records:
             break
         stats.records_read += 1
@@ -464,11 +462,27 @@ def read_records(path: str | os.PathLike, fmt: str | DatasetFormat, *, name: str
             stats.dropped[str(exc)] += 1
             continue
         except RecordError as exc:
-            raise TunesmithError(f"{raw.where}: {exc}", f"fix the record or check data.format (now {f.name!r}; "
-                                 "see `tunesmith list-dataset-format`)") from None
+            on_error(raw, exc)
+            continue
         stats.conversations += 1
         stats.turns_histogram[len(turns)] += 1
         records.append(Record(tuple(turns), raw.where, raw.line))
+    return records
+
+
+def read_records(path: str | os.PathLike, fmt: str | DatasetFormat, *, name: str | None = None,
+                 split: str | None = "train", max_records: int | None = None,
+                 sheet: str | int | None = None) -> tuple[list[Record], ReadStats]:
+    """All conversations of a dataset. The first bad record raises TunesmithError naming file and line;
+    records a format drops on purpose are counted in `stats.dropped`."""
+    f = get_format(fmt) if isinstance(fmt, str) else fmt
+    stats = ReadStats()
+
+    def stop(raw: RawRecord, exc: RecordError) -> None:
+        raise TunesmithError(f"{raw.where}: {exc}", f"fix the record or check data.format (now {f.name!r}; "
+                             "see `tunesmith list-dataset-format`)") from None
+
+    records = _map_records(path, f, stats, stop, name=name, split=split, sheet=sheet, max_records=max_records)
     if stats.records_read == 0:
         raise TunesmithError(f"{path} has no records", "check data.path and data.split")
     return records, stats
@@ -487,21 +501,12 @@ def check_records(path: str | os.PathLike, fmt: str | DatasetFormat, *, name: st
     such as malformed JSON, still raise)."""
     f = get_format(fmt) if isinstance(fmt, str) else fmt
     stats = ReadStats()
-    records: list[Record] = []
     problems: list[Problem] = []
-    for raw in iter_raw(path, name=name, split=split):
-        stats.records_read += 1
-        try:
-            turns = f.map_fn(raw.data)
-        except SkipRecord as exc:
-            stats.dropped[str(exc)] += 1
-            continue
-        except RecordError as exc:
-            stats.dropped["invalid record"] += 1
-            if len(problems) < max_problems:
-                problems.append(Problem(raw.where, str(exc)))
-            continue
-        stats.conversations += 1
-        stats.turns_histogram[len(turns)] += 1
-        records.append(Record(tuple(turns), raw.where, raw.line))
+
+    def collect(raw: RawRecord, exc: RecordError) -> None:
+        stats.dropped["invalid record"] += 1
+        if len(problems) < max_problems:
+            problems.append(Problem(raw.where, str(exc)))
+
+    records = _map_records(path, f, stats, collect, name=name, split=split)
     return records, stats, problems
