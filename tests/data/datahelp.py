@@ -27,3 +27,13 @@ def make_cfg(tmp_path, **data):
 
     data.setdefault("cache_dir", str(tmp_path / "cache"))
     return TrainConfig.model_validate({"method": "full", "data": data})
+
+
+def messages(turns, system=""):
+    """Turns as OpenAI-style chat messages (what apply_chat_template and exported templates take)."""
+    out = [{"role": "system", "content": system}] if system else []
+    for t in turns:
+        out.append({"role": "user", "content": t.input})
+        if t.output:
+            out.append({"role": "assistant", "content": t.output})
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from datahelp import messages
 
 from tunesmith.data.conversation import Turn
 from tunesmith.data.encode import (
@@ -19,15 +20,6 @@ from tunesmith.data.encode import (
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TURNS = [Turn("Hi there", "Hello! How can I help?"), Turn("Tell me a joke.", "Why did the chicken cross the road?")]
-
-
-def messages(turns, system=""):
-    out = [{"role": "system", "content": system}] if system else []
-    for t in turns:
-        out.append({"role": "user", "content": t.input})
-        if t.output:
-            out.append({"role": "assistant", "content": t.output})
-    return out
 
 
 def loss_text(tok, sample):

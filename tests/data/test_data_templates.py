@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jinja2
 import pytest
+from datahelp import messages
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tunesmith.data.conversation import Turn
@@ -101,15 +102,6 @@ def _jinja(source: str, messages, **kw) -> str:
     return env.from_string(source).render(messages=messages, **kw)
 
 
-def _messages(turns, system=""):
-    msgs = [{"role": "system", "content": system}] if system else []
-    for t in turns:
-        msgs.append({"role": "user", "content": t.input})
-        if t.output:
-            msgs.append({"role": "assistant", "content": t.output})
-    return msgs
-
-
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_jinja_export_renders_like_the_renderer(name, add_bos):
@@ -119,9 +111,9 @@ def test_jinja_export_renders_like_the_renderer(name, add_bos):
     source = chat_template_jinja(t, add_bos=add_bos)
     for system in ("", "Sys {y}"):
         full = [Turn(x.input, x.output, system if i == 0 else "") for i, x in enumerate(turns[:2])]
-        assert _jinja(source, _messages(full, system), bos_token="<s>", eos_token="</s>") == t.render(
+        assert _jinja(source, messages(full, system), bos_token="<s>", eos_token="</s>") == t.render(
             full, bos=bos, eos="</s>")
-        assert _jinja(source, _messages(turns, system), bos_token="<s>", eos_token="</s>") == t.render_prompt(
+        assert _jinja(source, messages(turns, system), bos_token="<s>", eos_token="</s>") == t.render_prompt(
             turns, system=system or None, bos=bos, eos="</s>")
 
 
