@@ -29,7 +29,6 @@ from tunesmith.models.fast import (
 )
 from tunesmith.models.fast.attention import (
     packing_from_position_ids,
-    segments_from_position_ids,
     set_attention,
 )
 from tunesmith.models.fast.loss import auto_chunk_size
@@ -245,10 +244,10 @@ def test_model_loss_sum_matches_transformers_own_loss():
 # ------------------------------------------------------------------------------------- packed attention
 
 
-def test_segments_from_position_ids():
+def test_sample_spans_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
-    assert segments_from_position_ids(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
-    assert segments_from_position_ids(torch.arange(6).view(1, -1)) is None
+    assert packing_from_position_ids(pos).spans == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert packing_from_position_ids(torch.arange(6).view(1, -1)) is None
 
 
 def test_packing_cu_seqlens_span_the_flattened_rows():

@@ -119,12 +119,6 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
-def segments_from_position_ids(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
-    """Per row, the ``(start, end)`` spans of the packed samples; ``None`` when no row is packed."""
-    packing = packing_from_position_ids(position_ids)
-    return None if packing is None else packing.spans
-
-
 # ------------------------------------------------------------------------------------------------ kernels
 
 
