@@ -8,6 +8,7 @@
 # an ignored `.whl/` folder of the checkout (`echo /.whl/ >> .git/info/exclude`), carry [".whl"]:
 #     bash bench/gpu_suite.sh            # everything (stages below, each with its own time limit)
 #     bash bench/gpu_suite.sh lora qlora # only some stages: tests lora18 lora qlora longest
+#     LORA_VARIANTS="baseline,tunesmith+compile" bash bench/gpu_suite.sh lora   # only some variants
 # Output: $OUT/suite.log (all of it), $OUT/pytest_gpu.log, $OUT/*.json (one per bench); the result tables
 # are printed last.
 set -u
@@ -60,15 +61,18 @@ for stage in $STAGES; do
   case $stage in
     tests)
       echo "== gpu exactness tests $(date -u +%H:%M:%S)"
-      timeout -k 5 90 $PY -m pytest -m gpu tests/models/test_fast_paths.py -q -p no:cacheprovider 2>&1 \
+      timeout -k 5 ${TESTS_SECONDS:-90} $PY -m pytest -m gpu tests/models/test_fast_paths.py -q -p no:cacheprovider \
+        ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     lora18)
       bench lora18 45 --model-shape $S18 --method lora --seq-len $SEQ $STEPS18 \
         --variants "baseline,tunesmith,tunesmith[ckpt full],baseline[again]" ;;
     lora)
-      bench lora7b ${LORA_SECONDS:-200} --model-shape $S7 --method lora --seq-len $SEQ $STEPS --profile ;;
+      bench lora7b ${LORA_SECONDS:-200} --model-shape $S7 --method lora --seq-len $SEQ $STEPS --profile \
+        ${LORA_VARIANTS:+--variants "$LORA_VARIANTS"} ;;
     qlora)
-      bench qlora7b ${QLORA_SECONDS:-150} --model-shape $S7 --method qlora --seq-len $SEQ $STEPS --profile ;;
+      bench qlora7b ${QLORA_SECONDS:-150} --model-shape $S7 --method qlora --seq-len $SEQ $STEPS --profile \
+        ${QLORA_VARIANTS:+--variants "$QLORA_VARIANTS"} ;;
     longest)
       bench longest 110 --model-shape $S7 --method qlora --longest --card-gib 80 --longest-max $LMAX ;;
     full)

@@ -65,11 +65,14 @@ def test_collate_contract_packed_and_unpacked():
     samples = fake_samples([5, 3, 4])
     packed = PackedDataset(samples, [[0, 1], [2]])
     batch = collate([packed[0], packed[1]], pad_token_id=0, packed=True)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "num_loss_tokens"}  # no attention_mask
+    # no attention_mask; the sample boundaries computed on the host
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_loss_tokens", "cu_seq_lens"}
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
     assert batch["labels"][1, 4:].tolist() == [IGNORE_INDEX] * 4
     assert batch["num_loss_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 3 + 2 + 2
-    assert cu_seqlens_from_position_ids(batch["position_ids"]).tolist() == [0, 5, 8, 12, 16]
+    assert batch["cu_seq_lens"].tolist() == [0, 5, 8, 12, 16] and batch["cu_seq_lens"].dtype == torch.int32
+    cu = cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]]))
+    assert cu.tolist() == [0, 3, 5, 7, 10]  # a row may open mid-sample (transformers' rule)
     plain = SampleDataset(samples)
     batch = collate([plain[0], plain[1]], pad_token_id=7, packed=False)
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]

@@ -313,6 +313,88 @@ def test_varlen_plumbing_matches_plain_with_an_emulated_kernel(monkeypatch, kv_h
     assert_same_loss_and_grads(fast_model, ref_model, batch)
 
 
+@pytest.mark.parametrize("from_collator", [False, True])
+def test_boundaries_handed_to_the_layers_match_plain_without_host_copies(monkeypatch, from_collator):
+    """``model_loss_sum`` finds the sample boundaries once (from the collator's ``cu_seq_lens``, or from
+    ``position_ids``) and hands them to every layer as ``cu_seq_lens_q`` / ``max_length_q``: the layers then
+    need no host copy, and the result is the plain path's (kernel emulated on CPU as above)."""
+    from tunesmith.data.pack import cu_seqlens_from_position_ids
+
+    monkeypatch.setattr(attention, "varlen_possible", lambda device: True)
+    monkeypatch.setattr(attention, "_inputs_fit_varlen", lambda q, k, dropout: not dropout)
+    seen = []
+    monkeypatch.setattr(
+        attention, "_flash_forward", lambda q, k, v, cu, m, s: seen.append(cu) or _reference_varlen(q, k, v, cu, m, s)
+    )
+    copies = []
+    real_copy = attention._host_copy
+    monkeypatch.setattr(attention, "_host_copy", lambda t: copies.append(1) or real_copy(t))
+    batch = packed_batch()
+    if from_collator:
+        batch["cu_seq_lens"] = cu_seqlens_from_position_ids(batch["position_ids"])
+    ref_model = lora(tiny_llama(layers=3))
+    fast_model = copy.deepcopy(ref_model)
+    set_attention(fast_model, PACKED_SDPA)
+    fast_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast_model.train()
+    ref_model.train()
+    assert_same_loss_and_grads(fast_model, ref_model, batch)
+    assert len(seen) == 6  # three layers, forward and checkpoint recompute
+    assert all(cu.tolist() == [0, 5, 14, 17, 24, 29, 38, 41, 48] for cu in seen)
+    assert len(copies) == (0 if from_collator else 1)
+
+
+def test_packing_kwargs_only_for_packed_rows_the_kernel_can_take(monkeypatch):
+    from tunesmith.models.fast.attention import packing_kwargs
+
+    batch = packed_batch()
+    assert packing_kwargs(batch) == {}  # CPU: the varlen kernel cannot run, layers find the packing themselves
+    monkeypatch.setattr(attention, "varlen_possible", lambda device: True)
+    kw = packing_kwargs(batch)
+    assert kw["cu_seq_lens_q"] is kw["cu_seq_lens_k"] and kw["cu_seq_lens_q"].tolist()[:3] == [0, 5, 14]
+    assert kw["max_length_q"] == kw["max_length_k"] == 24  # the row length: an upper bound, the same every batch
+    assert packing_kwargs({**batch, "attention_mask": torch.ones_like(batch["input_ids"])}) == {}
+    one_each = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": torch.arange(6).repeat(2, 1)}
+    assert packing_kwargs(one_each) == {}
+    assert packing_kwargs({**one_each, "cu_seq_lens": torch.tensor([0, 6, 12], dtype=torch.int32)}) == {}
+
+
+def test_compiled_layers_match_eager_without_graph_breaks():
+    """``speed.compile``: every decoder layer compiled (here by inductor's CPU backend), checkpointed and not,
+    on packed rows: same loss and LoRA gradients as the eager fast path, and no graph break inside a layer."""
+    from torch._dynamo.utils import counters
+
+    from tunesmith.config.schema import TrainConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    batch = packed_batch()
+    ref_model = lora(tiny_llama(layers=2))
+    ref_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model.train()
+    fast_model = copy.deepcopy(ref_model)
+    set_checkpointed_layers(fast_model, 1)  # one layer of each kind
+    set_checkpointed_layers(ref_model, 1)
+    cfg = TrainConfig(method="lora", speed={"compile": True})
+    info = apply_fast_paths(fast_model, cfg).tunesmith_fast_paths
+    assert info["compiled_layers"] == 2
+    apply_fast_paths(ref_model, TrainConfig(method="lora"))
+    try:
+        for _ in range(2):  # the second pass runs the cached graphs
+            ref_model.zero_grad(set_to_none=True)
+            fast_model.zero_grad(set_to_none=True)
+            opts = loss_options(cfg)
+            loss_ref, _ = model_loss_sum(ref_model, batch, **opts)
+            loss_ref.backward()
+            loss, _ = model_loss_sum(fast_model, batch, **opts)
+            loss.backward()
+            torch.testing.assert_close(loss, loss_ref, atol=1e-4, rtol=1e-5)
+            assert_close_dicts(grads(fast_model), grads(ref_model), atol=1e-4, rtol=1e-4)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+
+
 def test_varlen_call_matches_the_ops_schema_on_meta_tensors():
     """The real op, shapes only (meta tensors): argument order, output layout and its backward."""
     assert attention.flash_varlen_available()
@@ -627,7 +709,11 @@ def _gpu_models():
 
 
 def _gpu_batch():
-    return packed_batch(lengths=(100, 300, 50, 60), vocab=1000, device="cuda")
+    """Two packed rows, with the boundaries the collator adds (as the train loop hands them over)."""
+    from tunesmith.data.pack import cu_seqlens_from_position_ids
+
+    batch = packed_batch(lengths=(100, 300, 50, 60), vocab=1000, device="cuda")
+    return {**batch, "cu_seq_lens": cu_seqlens_from_position_ids(batch["position_ids"].cpu()).cuda()}
 
 
 def _run(model, batch, **opts):
@@ -780,3 +866,47 @@ def test_gpu_qlora_fast_paths_match_plain():
     l_fast, g_fast = _run(fast, batch, **loss_options(cfg))
     assert abs(l_fast - l_plain) < 3e-2
     assert _rel_err(g_fast, g_plain) < 5e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gpu_compiled_fast_paths_match_plain(method):
+    """``speed.compile`` on top of every default fast path (varlen attention fed by the collator's boundaries,
+    fused LoRA, fused CE), one layer checkpointed and one not: against the fp32 reference, no graph breaks."""
+    from torch._dynamo.utils import counters
+
+    from tunesmith.config.schema import TrainConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+        from tunesmith.bench.harness import quantize_nf4
+
+        base = tiny_llama(dtype=torch.bfloat16, device="cuda", vocab=1000, layers=2)
+        quantize_nf4(base, torch.bfloat16)
+        plain = lora(base)
+        fast = copy.deepcopy(plain)
+        ref = None
+    else:
+        plain, fast, ref = _gpu_models()
+    for m in (plain, fast):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        set_checkpointed_layers(m, 1)
+    cfg = TrainConfig(method=method, speed={"compile": True})
+    assert apply_fast_paths(fast, cfg).tunesmith_fast_paths["compiled_layers"] == 2
+    batch = _gpu_batch()
+    try:
+        if ref is not None:
+            _check_against_fp32(plain, fast, ref, batch, loss_options(cfg))
+        else:
+            l_plain, g_plain = _run(plain, batch, chunked=False)
+            l_fast, g_fast = _run(fast, batch, **loss_options(cfg))
+            assert abs(l_fast - l_plain) < 3e-2
+            assert _rel_err(g_fast, g_plain) < 5e-2
+        _run(fast, batch, **loss_options(cfg))  # again: the cached graphs
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()

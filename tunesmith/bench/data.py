@@ -15,6 +15,7 @@ import random
 import torch
 
 from tunesmith.bench.oasst1_lengths import OASST1_TURNS
+from tunesmith.data.pack import cu_seqlens_from_position_ids
 
 TEMPLATE_TOKENS = 8  # "<|User|>:" ... "<eoh>\n<|Bot|>:" around each prompt (internlm_chat), about
 
@@ -48,11 +49,14 @@ def packed_batches(seq_len: int, vocab: int, n_rows: int, device, seed: int = 0)
     def flush():
         nonlocal ids, labels, pos, lengths
         t = torch.tensor
+        positions = t([pos], dtype=torch.long)
         rows.append(
             {
                 "input_ids": t([ids], dtype=torch.long).to(device),
                 "labels": t([labels], dtype=torch.long).to(device),
-                "position_ids": t([pos], dtype=torch.long).to(device),
+                "position_ids": positions.to(device),
+                # as the data stage's collator does, on the host
+                "cu_seq_lens": cu_seqlens_from_position_ids(positions).to(device),
             }
         )
         lengths_all.append(lengths)

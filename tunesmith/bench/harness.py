@@ -16,6 +16,9 @@ Variants (names as printed):
   speed ceiling, whatever the memory).
 * ``tunesmith[same data]``: ``tunesmith`` on the baseline's own row (one sample, loss on every token): the
   speed-up that does not come from packing.
+* ``tunesmith+compile`` (and ``+compile+adamw8bit`` for QLoRA): ``speed.compile``, every decoder layer compiled
+  by ``torch.compile`` (one graph shared by the layers; liger's modules left out, the compiler fuses the norms
+  and the SwiGLU itself); ``tunesmith+compile[no ckpt]``: the same without checkpointing.
 * ``tunesmith+adamw8bit`` (QLoRA): bitsandbytes' 8-bit AdamW, for the memory it saves.
 * ``-packed_attention``, ``-liger``, ``-chunked_loss``, ``-fused_lora``: ``tunesmith`` with one switch off.
 * ``baseline[again]``: the baseline once more, timed last: the drift of the machine over the run.
@@ -55,6 +58,7 @@ from tunesmith.bench.flops import effective_context, flops_per_token, mfu
 from tunesmith.bench.shapes import SHAPES, Shape
 
 GiB = 1024**3
+PROFILED = ("baseline", "tunesmith", "tunesmith+compile", "tunesmith+compile+adamw8bit")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -357,7 +361,7 @@ class Bench:
         self.start = time.perf_counter()
         self.results: list[Result] = []
         self.peak_flops = 0.0
-        self.best_keep: dict[str, int] = {}  # per optimizer: layers without checkpointing chosen by ckpt auto
+        self.best_keep: dict[str, int] = {}  # per optimizer (+compile): layers left un-checkpointed by ckpt auto
         self.profiles: list[str] = []
         self._batches: dict[str, tuple[list[dict], float]] = {}
         self.durations: dict[str, float] = {}  # wall seconds of each variant that ran (build + steps)
@@ -468,13 +472,16 @@ class Bench:
             if spec.kind == "tunesmith" and spec.ckpt != "none":
                 keep = 0
                 if spec.ckpt == "auto":
-                    keep = self.plan_checkpointing(model, opt, step, batches, spec.optimizer)
+                    keep = self.plan_checkpointing(model, opt, step, batches, spec)
                 elif spec.ckpt.isdigit():
                     keep = int(spec.ckpt)
                 checkpointed = set_checkpointed_layers(model, keep)
                 notes.append(f"ckpt {checkpointed}/{self.shape.layers}")
             if spec.kind == "tunesmith" and spec.data == "packed":
                 notes.append(f"ctx {ctx:.0f}")
+            if spec.compile:  # compile (and recompile) for every kind of batch before anything is timed
+                for batch in batches[: self.o.warmup + self.o.steps]:
+                    step(model, opt, batch)
             reset_peak(self.device)
             times, loss = time_steps(step, model, opt, batches, self.o.warmup, self.o.steps, self.device)
             med = statistics.median(times)
@@ -489,7 +496,7 @@ class Bench:
                 if first:
                     notes.append(f"drift {100 * (res.tokens_per_s / first.tokens_per_s - 1):+.1f}% vs first")
             self.durations[spec.name] = time.perf_counter() - t_start
-            if self.o.profile and spec.name in ("baseline", "tunesmith"):
+            if self.o.profile and spec.name in PROFILED:
                 try:
                     res.gpu_busy = self.profile(spec.name, step, model, opt, batches[0], res.step_ms)
                     if res.gpu_busy:
@@ -516,18 +523,19 @@ class Bench:
             free(self.device)
         self.results.append(res)
 
-    def plan_checkpointing(self, model, opt, step, batches, optimizer: str) -> int:
+    def plan_checkpointing(self, model, opt, step, batches, spec: Spec) -> int:
         """Layers to leave un-checkpointed within the budget (``auto_keep_activations``: two measured steps)."""
         from tunesmith.models.fast.checkpointing import (
             auto_keep_activations,
             decoder_layers,
         )
 
-        if optimizer in self.best_keep:
-            return self.best_keep[optimizer]
+        key = spec.optimizer + ("+compile" if spec.compile else "")  # compiled layers keep other activations
+        if key in self.best_keep:
+            return self.best_keep[key]
         budget = self.ckpt_budget_gib()
         if budget is None or self.device.type != "cuda":
-            self.best_keep[optimizer] = 0
+            self.best_keep[key] = 0
             return 0
         peaks = []
         step(model, opt, batches[0])  # warm-up: optimizer states exist before the peaks are read
@@ -542,7 +550,7 @@ class Bench:
             f"[bench] ckpt auto: budget {budget:.2f} GiB, peaks {', '.join(f'{p:.2f}' for p in peaks)} GiB "
             f"(all checkpointed, {max(1, n // 8)} kept) -> keep {keep}/{n} layers"
         )
-        self.best_keep[optimizer] = keep
+        self.best_keep[key] = keep
         return keep
 
     def profile(self, name: str, step, model, opt, batch, step_ms: float) -> float:
@@ -591,6 +599,10 @@ class Bench:
         specs = [Spec("baseline", kind="baseline"), Spec("tunesmith")]
         if m == "qlora":
             specs.append(Spec("tunesmith+adamw8bit", optimizer="adamw8bit"))
+            specs.append(Spec("tunesmith+compile+adamw8bit", compile=True, optimizer="adamw8bit"))
+        else:
+            specs.append(Spec("tunesmith+compile", compile=True))
+            specs.append(Spec("tunesmith+compile[no ckpt]", compile=True, ckpt="none"))
         specs += [
             Spec("-packed_attention", packed_attention=False),
             Spec("-fused_lora", fused_lora=False),

@@ -7,12 +7,15 @@
   is a dict of int64 tensors `input_ids`, `labels`, `position_ids` (restarting at 0 for each packed sample);
   the first label of every packed sample is -100 (nothing predicts across a boundary).
 - `collate(items, pad_token_id, packed)`: pads to the longest row. Packed rows: padding gets its own
-  position run (a separate "document" no real token attends to), no attention_mask. Unpacked rows with
-  padding: `attention_mask`. Always `num_loss_tokens` = label positions that count after the causal shift.
+  position run (a separate "document" no real token attends to), no attention_mask, plus `cu_seq_lens`
+  (int32). Unpacked rows with padding: `attention_mask`. Always `num_loss_tokens` = label positions that
+  count after the causal shift.
 - `LengthGroupedSampler(lengths, batch_size, seed, ...)` for unpacked runs; `EpochSampler` for packed runs;
   both are deterministic per (seed, epoch), shard by (rank, world_size) and resume at `start_index`.
 - `make_dataloader(dataset, cfg, *, seed, epoch, rank=0, world_size=1, start_index=0) -> DataLoader`.
-- `cu_seqlens_from_position_ids(position_ids)` for varlen attention kernels.
+- `sample_starts(position_ids)`: where packed samples start (the one boundary rule, transformers' own);
+  `cu_seqlens_from_position_ids(position_ids)` for varlen attention kernels; packed batches carry it as
+  `cu_seq_lens`.
 
 Attention isolation: transformers 5 (masking_utils.find_packed_sequence_indices) derives a block-diagonal
 causal mask from position_ids that restart, in the sdpa / eager / flex / flash paths, when no
@@ -128,15 +131,26 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int, packed:
         for r, k in enumerate(lengths):
             mask[r, :k] = 1
         batch["attention_mask"] = mask
+    if packed:  # computed here, on the host, so the training step needs no device-to-host copy to find them
+        batch["cu_seq_lens"] = cu_seqlens_from_position_ids(position_ids)
     batch["num_loss_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return batch
 
 
+def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, L]``: True where a packed sample starts, i.e. where the position does not follow the previous one
+    by exactly 1 (transformers' own rule for its packed mask, so every path agrees on the boundaries)."""
+    pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    return starts
+
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Cumulative sequence lengths (int32, starting at 0) of the flattened batch, for varlen kernels."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).reshape(-1)
-    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    """Cumulative sample lengths over the flattened ``[B * L]`` batch (int32, from 0): the ``cu_seq_lens``
+    argument of variable-length attention kernels."""
+    starts = sample_starts(position_ids).reshape(-1).nonzero().reshape(-1)
+    return torch.cat([starts, starts.new_tensor([position_ids.numel()])]).to(torch.int32)
 
 
 def _shard(indices: list[int], rank: int, world_size: int) -> list[int]:

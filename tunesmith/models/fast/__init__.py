@@ -83,10 +83,14 @@ def apply_fast_paths(model: nn.Module, cfg: Any) -> nn.Module:
         apply_packed_attention(model, True)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         applied["attention"] = getattr(base.config, "_attn_implementation", None)
-    applied["liger"] = apply_liger_kernels(model, getattr(speed, "liger_kernel", "auto"))
+    compiled = bool(getattr(speed, "compile", False))
+    liger_mode = getattr(speed, "liger_kernel", "auto")
+    # compiled layers get RMSNorm and SwiGLU fused by the compiler; liger's modules stay out of those graphs
+    # unless asked for by name (its fused cross-entropy in the loss is outside the layers and stays on)
+    applied["liger"] = apply_liger_kernels(model, "off" if compiled and liger_mode == "auto" else liger_mode)
     if getattr(speed, "fused_lora", True):
         applied["fused_lora_layers"] = apply_fused_lora(model)
-    if getattr(speed, "compile", False):
+    if compiled:
         applied["compiled_layers"] = compile_decoder_layers(model)
     applied["loss"] = loss_options(cfg)
     try:

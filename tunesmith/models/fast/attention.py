@@ -86,14 +86,14 @@ def packing_from_position_ids(position_ids: torch.Tensor, batch_size: int | None
     of a ``[B, L]`` bool tensor per new ``position_ids`` tensor; every later call with it is a cache hit.
     """
     global _packing_cache
-    pos = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
-    rows = batch_size or pos.shape[0]
+    from tunesmith.data.pack import sample_starts
+
+    rows = batch_size or (position_ids.shape[0] if position_ids.dim() == 2 else 1)
     version = position_ids._version
     cached = _packing_cache
     if cached is not None and cached[0]() is position_ids and cached[1] == version and cached[2] == rows:
         return cached[3]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    starts = sample_starts(position_ids)
     if starts.shape[0] != rows:
         starts = starts.expand(rows, -1)
     host = _host_copy(starts)  # the one host sync per forward pass
@@ -113,6 +113,34 @@ def packing_from_position_ids(position_ids: torch.Tensor, batch_size: int | None
         )
     _packing_cache = (weakref.ref(position_ids), version, rows, result)
     return result
+
+
+def packing_kwargs(batch: dict) -> dict:
+    """The keyword arguments that hand a packed batch's sample boundaries to every attention layer
+    (transformers' names: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``), or ``{}``
+    when no row holds more than one sample or the varlen kernel cannot run here. Read from the collator's
+    ``cu_seq_lens`` when the batch has it (no device-to-host copy at all), else from ``position_ids`` once (one
+    copy per batch). With these the layers' attention is one varlen kernel call that needs nothing from the host,
+    which also keeps compiled decoder layers free of graph breaks.
+
+    ``max_length`` is the row length, an upper bound the kernel accepts (blocks past a sample's end exit at
+    once): one value for every batch, so compiled layers are not recompiled for each new longest sample."""
+    position_ids = batch.get("position_ids")
+    if position_ids is None or batch.get("attention_mask") is not None or not varlen_possible(position_ids.device):
+        return {}
+    rows = batch["input_ids"].shape[0]
+    cu = batch.get("cu_seq_lens")
+    if cu is None:
+        packing = packing_from_position_ids(position_ids, rows)
+        if packing is None:
+            return {}
+        cu = packing.cu_seqlens
+    elif cu.numel() - 1 <= rows:  # one sample per row: plain causal attention
+        return {}
+    cu = cu.to(position_ids.device, non_blocking=True)
+    torch._dynamo.maybe_mark_dynamic(cu, 0)  # the sample count changes from batch to batch
+    length = position_ids.shape[-1]
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -147,23 +175,34 @@ def _capability_supported(device: torch.device) -> bool:
     return _capability_ok[index]
 
 
+def varlen_possible(device: torch.device) -> bool:
+    """Whether the varlen kernel can run on ``device`` at all (CUDA, sm80+, the op present, not switched off or
+    broken); what the inputs must also satisfy is :func:`_inputs_fit_varlen`."""
+    return (
+        BACKEND != "loop"
+        and _varlen_broken is None
+        and device.type == "cuda"
+        and flash_varlen_available()
+        and _capability_supported(device)
+    )
+
+
+def _inputs_fit_varlen(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    head_dim = query.shape[-1]
+    return (
+        query.dtype in (torch.float16, torch.bfloat16)
+        and key.dtype == query.dtype
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and not dropout
+    )
+
+
 def packed_backend(query: torch.Tensor, key: torch.Tensor, dropout: float = 0.0) -> str:
     """``"varlen"`` when the single-call flash kernel can run these inputs, else ``"loop"``."""
-    head_dim = query.shape[-1]
-    if (
-        BACKEND == "loop"
-        or _varlen_broken is not None
-        or not query.is_cuda
-        or query.dtype not in (torch.float16, torch.bfloat16)
-        or key.dtype != query.dtype
-        or head_dim % 8
-        or head_dim > 256
-        or dropout
-        or not flash_varlen_available()
-        or not _capability_supported(query.device)
-    ):
-        return "loop"
-    return "varlen"
+    if varlen_possible(query.device) and _inputs_fit_varlen(query, key, dropout):
+        return "varlen"
+    return "loop"
 
 
 def flash_varlen(
@@ -171,13 +210,19 @@ def flash_varlen(
 ) -> torch.Tensor:
     """Causal attention of every packed sample in one call. q ``[B, Hq, L, D]``, k / v ``[B, Hkv, L, D]``
     (grouped heads are handled by the kernel) -> ``[B, L, Hq, D]``."""
+    return _flash_forward_bhld(query, key, value, packing.cu_seqlens, packing.max_len, scale)
+
+
+def _flash_forward_bhld(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
+) -> torch.Tensor:
     b, hq, length, d = query.shape
     hk = key.shape[1]
     # [B, H, L, D] -> [B * L, H, D]: a free view when q / k / v were transposed from [B, L, H, D] (HF does)
     q = query.transpose(1, 2).reshape(b * length, hq, d).contiguous()
     k = key.transpose(1, 2).reshape(b * length, hk, d).contiguous()
     v = value.transpose(1, 2).reshape(b * length, hk, value.shape[-1]).contiguous()
-    out = _flash_forward(q, k, v, packing.cu_seqlens, packing.max_len, scale)
+    out = _flash_forward(q, k, v, cu, max_len, scale)
     return out.view(b, length, hq, out.shape[-1])
 
 
@@ -232,14 +277,31 @@ def packed_sdpa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature: q ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]`` ->
     ``([B, L, Hq, D], None)``."""
-    global _varlen_broken
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    position_ids = kwargs.get("position_ids")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    self_attention = query.shape[2] == key.shape[2]
+    cu = kwargs.get("cu_seq_lens_q")
+    if torch.compiler.is_compiling():
+        # inside a compiled layer: no host-side bookkeeping and no try / except around the kernel. The varlen
+        # kernel when the boundaries came in as arguments, else transformers' masked SDPA (its mask holds the
+        # packing): exact either way
+        # (packing_kwargs passes the boundaries only where varlen_possible: nothing host-side is asked here)
+        if cu is not None and causal and self_attention and _inputs_fit_varlen(query, key, dropout):
+            return _flash_forward_bhld(query, key, value, cu, kwargs["max_length_q"], scaling), None
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    position_ids = kwargs.get("position_ids")
     packing = None
-    if position_ids is not None and causal and query.shape[2] == key.shape[2] == position_ids.shape[-1]:
-        packing = packing_from_position_ids(position_ids, query.shape[0])
+    if causal and self_attention:
+        if cu is not None and packed_backend(query, key, dropout) == "varlen":
+            try:
+                return _flash_forward_bhld(query, key, value, cu, kwargs["max_length_q"], scaling), None
+            except RuntimeError as exc:
+                _varlen_failed(exc)
+        if position_ids is not None and query.shape[2] == position_ids.shape[-1]:
+            packing = packing_from_position_ids(position_ids, query.shape[0])
     if packing is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -247,10 +309,16 @@ def packed_sdpa_attention_forward(
     if packed_backend(query, key, dropout) == "varlen":
         try:
             return flash_varlen(query, key, value, packing, scaling), None
-        except RuntimeError as exc:  # a build without the kernel for this GPU / shape: fall back for good
-            _varlen_broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning("packed attention: the varlen flash kernel failed (%s); using per-sample SDPA", _varlen_broken)
+        except RuntimeError as exc:
+            _varlen_failed(exc)
     return loop_attention(query, key, value, packing, scaling, dropout), None
+
+
+def _varlen_failed(exc: RuntimeError) -> None:
+    """A build without the kernel for this GPU / shape: fall back to the loop for the rest of the process."""
+    global _varlen_broken
+    _varlen_broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    log.warning("packed attention: the varlen flash kernel failed (%s); using per-sample SDPA", _varlen_broken)
 
 
 def register_packed_attention() -> str:

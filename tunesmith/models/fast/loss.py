@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.models.fast.attention import PACKED_SDPA, packing_kwargs
+
 IGNORE_INDEX = -100
 
 # A chunk's fp32 logits stay under this many bytes (liger picks a similar budget).
@@ -228,6 +230,8 @@ def model_loss_sum(
             kwargs[key] = batch[key]
     labels = batch["labels"]
     decoder, head = split_decoder_and_head(model)
+    if getattr(decoder.config, "_attn_implementation", None) == PACKED_SDPA:
+        kwargs.update(packing_kwargs(batch))  # sample boundaries found once, not in every layer
     hidden = decoder(**kwargs).last_hidden_state
     if chunked:
         return causal_lm_loss_sum(
