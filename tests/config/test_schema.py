@@ -114,3 +114,10 @@ def test_unknown_recipe_and_missing_file():
         load_config("internlm_chat_7b_qlora_oasst_e3")
     with pytest.raises(TunesmithError, match="does not exist"):
         load_config("nowhere/my.yaml")
+
+
+def test_speed_switches_read_yaml_booleans():
+    """``liger_kernel: on`` / ``compile: off`` in YAML arrive as booleans: they mean the switch they spell."""
+    speed = TrainConfig(**yaml.safe_load("speed: {liger_kernel: on, compile: off}")).speed
+    assert (speed.liger_kernel, speed.compile) == ("on", "off")
+    assert TrainConfig().speed.compile == "auto"

@@ -910,3 +910,16 @@ def test_gpu_compiled_fast_paths_match_plain(method):
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_auto_means_a_cuda_gpu_without_deepspeed(monkeypatch):
+    from tunesmith.config.schema import TrainConfig
+    from tunesmith.models.fast import compile_wanted
+
+    auto = TrainConfig(method="lora")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not compile_wanted(auto)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compile_wanted(auto) and not compile_wanted(auto, deepspeed_stage=2)
+    assert compile_wanted(TrainConfig(method="lora", speed={"compile": "on"}), deepspeed_stage=3)
+    assert not compile_wanted(TrainConfig(method="lora", speed={"compile": False}))

@@ -8,7 +8,7 @@ before any model is read.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -143,7 +143,17 @@ class SpeedSection(Section):
         "auto", description="liger-kernel RMSNorm / RoPE / SwiGLU / fused linear+CE on CUDA when installed"
     )
     chunked_loss: bool = Field(True, description="cross-entropy in chunks so full logits never materialise")
-    compile: bool = Field(False, description="torch.compile the decoder layers")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile each decoder layer; auto = on a CUDA GPU, without DeepSpeed"
+    )
+
+    @field_validator("liger_kernel", "compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads ``on`` / ``off`` / ``true`` / ``false`` as booleans: take them as the switch they mean."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class TrainConfig(Section):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tunesmith.files import write_text_atomic
+from tunesmith.models.fast import eager_only
 
 
 class EvaluateChat:
@@ -56,7 +57,7 @@ class EvaluateChat:
         device = next(model.parameters()).device
         answers = []
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), eager_only():  # compiled layers: no compile for a few prompts
             torch.manual_seed(self.cfg.training.seed)
             for ids in self.prompts:
                 input_ids = torch.tensor([ids], device=device)

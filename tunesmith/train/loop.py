@@ -193,7 +193,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, env: DistEnv, precision: str, sta
                               double_quant=q.double_quant, compute_dtype=q.compute_dtype,
                               quant_storage=q.quant_storage)
     model = models.prepare_for_training(model, cfg)
-    model = apply_fast_paths(model, cfg)
+    model = apply_fast_paths(model, cfg, deepspeed_stage=stage)
     if stage >= 3:
         # the fused LoRA forward reads lora_A / lora_B weights outside their modules' forward, where ZeRO-3
         # has not gathered them: peft's own forward under ZeRO-3

@@ -15,7 +15,8 @@ Call order (what the model / train stages do)::
 ``packed_attention``         one varlen flash-attention call per layer, packed rows     ``attention.py``
 ``liger_kernel`` auto/on/off liger RMSNorm + SwiGLU modules; fused linear CE in loss     ``kernels.py``
 ``chunked_loss``             CE in chunks, ignored targets dropped before the head      ``loss.py``
-``compile``                  ``torch.compile`` of each decoder layer (off: see NOTES)   here
+``compile`` auto/on/off      ``torch.compile`` of each decoder layer (auto: CUDA, no    here
+                             DeepSpeed); boundaries come in as arguments, no breaks
 ``fused_lora`` (proposed)    LoRA add folded into one bf16 addmm (peft layers)          ``lora.py``
 ===========================  =========================================================  =================
 
@@ -24,8 +25,10 @@ Call order (what the model / train stages do)::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import torch
 from torch import nn
 
 from tunesmith.models.fast.attention import (
@@ -47,6 +50,8 @@ __all__ = [
     "apply_packed_attention",
     "causal_lm_loss_sum",
     "compile_decoder_layers",
+    "compile_wanted",
+    "eager_only",
     "loss_options",
     "model_loss_sum",
     "packed_backend",
@@ -71,7 +76,30 @@ def compile_decoder_layers(model: nn.Module) -> int:
     return len(layers)
 
 
-def apply_fast_paths(model: nn.Module, cfg: Any) -> nn.Module:
+def compile_wanted(cfg: Any, deepspeed_stage: int = 0) -> bool:
+    """Resolve ``speed.compile``: ``auto`` compiles on a CUDA GPU when DeepSpeed does not wrap the model (its
+    ZeRO hooks gather and release parameters around each layer); ``on`` / ``off`` (or a bool) as given."""
+    mode = getattr(_speed(cfg), "compile", "off")
+    if isinstance(mode, bool):
+        mode = "on" if mode else "off"
+    if mode == "auto":
+        return torch.cuda.is_available() and deepspeed_stage == 0
+    return mode == "on"
+
+
+@contextlib.contextmanager
+def eager_only():
+    """Run compiled layers eagerly inside the block (generation and evaluation during training: new shapes and
+    no-grad graphs would each cost a compilation for a few calls)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+def apply_fast_paths(model: nn.Module, cfg: Any, *, deepspeed_stage: int = 0) -> nn.Module:
     """Apply every fast path ``cfg.speed`` switches on; returns the same model (modules swapped in place).
 
     ``cfg`` is a ``TrainConfig`` (or its ``speed`` section). Call after LoRA / k-bit preparation. What was
@@ -83,7 +111,7 @@ def apply_fast_paths(model: nn.Module, cfg: Any) -> nn.Module:
         apply_packed_attention(model, True)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         applied["attention"] = getattr(base.config, "_attn_implementation", None)
-    compiled = bool(getattr(speed, "compile", False))
+    compiled = compile_wanted(speed, deepspeed_stage)
     liger_mode = getattr(speed, "liger_kernel", "auto")
     # compiled layers get RMSNorm and SwiGLU fused by the compiler; liger's modules stay out of those graphs
     # unless asked for by name (its fused cross-entropy in the loss is outside the layers and stays on)
