@@ -40,6 +40,7 @@ from tunesmith.models.fast.attention import (
 from tunesmith.models.fast.checkpointing import set_checkpointed_layers
 from tunesmith.models.fast.kernels import apply_liger_kernels, use_liger
 from tunesmith.models.fast.lora import apply_fused_lora, remove_fused_lora
+from tunesmith.models.fast.nf4 import apply_compiled_nf4
 from tunesmith.models.fast.loss import causal_lm_loss_sum, model_loss_sum, split_decoder_and_head
 
 __all__ = [
@@ -119,6 +120,7 @@ def apply_fast_paths(model: nn.Module, cfg: Any, *, deepspeed_stage: int = 0) ->
     if getattr(speed, "fused_lora", True):
         applied["fused_lora_layers"] = apply_fused_lora(model)
     if compiled:
+        applied["compiled_nf4_linears"] = apply_compiled_nf4(model)  # 4-bit weights dequantized inside the graphs
         applied["compiled_layers"] = compile_decoder_layers(model)
     applied["loss"] = loss_options(cfg)
     try:
