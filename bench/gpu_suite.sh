@@ -61,7 +61,8 @@ for stage in $STAGES; do
   case $stage in
     tests)
       echo "== gpu exactness tests $(date -u +%H:%M:%S)"
-      timeout -k 5 ${TESTS_SECONDS:-90} $PY -m pytest -m gpu tests/models/test_fast_paths.py -q -p no:cacheprovider \
+      timeout -k 5 ${TESTS_SECONDS:-90} $PY -m pytest -m gpu ${TESTS_PATH:-tests/models/test_fast_paths.py} -q \
+        -p no:cacheprovider \
         ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     lora18)

@@ -127,9 +127,8 @@ def test_default_variants_end_with_the_baseline_again():
     for method in ("lora", "qlora", "full"):
         names = [s.name for s in Bench(BenchOptions(model_shape="tiny", method=method, device="cpu")).default_specs()]
         assert names[:2] == ["baseline", "tunesmith"] and names[-1] == "baseline[again]"
-        compiled = [n for n in names if "compile" in n]
-        assert compiled == (["tunesmith+compile+adamw8bit"] if method == "qlora"
-                            else ["tunesmith+compile", "tunesmith+compile[no ckpt]"])
+        assert "-compile" in names
+        assert any(n.startswith("tunesmith[budget") for n in names) == (method != "qlora")
         assert {"-packed_attention", "-liger", "-chunked_loss", "tunesmith[same data]"} <= set(names)
         assert ("tunesmith+adamw8bit" in names) == (method == "qlora")
         assert ("-fused_lora" in names) == (method != "full")

@@ -359,9 +359,11 @@ def test_packing_kwargs_only_for_packed_rows_the_kernel_can_take(monkeypatch):
     assert packing_kwargs({**one_each, "cu_seq_lens": torch.tensor([0, 6, 12], dtype=torch.int32)}) == {}
 
 
-def test_compiled_layers_match_eager_without_graph_breaks():
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_compiled_layers_match_eager_without_graph_breaks(method):
     """``speed.compile``: every decoder layer compiled (here by inductor's CPU backend), checkpointed and not,
-    on packed rows: same loss and LoRA gradients as the eager fast path, and no graph break inside a layer."""
+    on packed rows: same loss and LoRA gradients as the eager fast path, and no graph break inside a layer.
+    QLoRA: the compiled layers dequantize the NF4 weights with torch ops, the eager ones with bitsandbytes."""
     from torch._dynamo.utils import counters
 
     from tunesmith.config.schema import TrainConfig
@@ -369,16 +371,23 @@ def test_compiled_layers_match_eager_without_graph_breaks():
     torch._dynamo.reset()
     counters.clear()
     batch = packed_batch()
-    ref_model = lora(tiny_llama(layers=2))
+    base = tiny_llama(layers=2)
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+        from tunesmith.bench.harness import quantize_nf4
+
+        quantize_nf4(base, torch.float32)
+    ref_model = lora(base)
     ref_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model.train()
     fast_model = copy.deepcopy(ref_model)
     set_checkpointed_layers(fast_model, 1)  # one layer of each kind
     set_checkpointed_layers(ref_model, 1)
-    cfg = TrainConfig(method="lora", speed={"compile": True})
+    cfg = TrainConfig(method=method, speed={"compile": True})
     info = apply_fast_paths(fast_model, cfg).tunesmith_fast_paths
     assert info["compiled_layers"] == 2
-    apply_fast_paths(ref_model, TrainConfig(method="lora"))
+    assert info["compiled_nf4_linears"] == (14 if method == "qlora" else 0)
+    apply_fast_paths(ref_model, TrainConfig(method=method, speed={"compile": False}))
     try:
         for _ in range(2):  # the second pass runs the cached graphs
             ref_model.zero_grad(set_to_none=True)
@@ -923,3 +932,70 @@ def test_compile_auto_means_a_cuda_gpu_without_deepspeed(monkeypatch):
     assert compile_wanted(auto) and not compile_wanted(auto, deepspeed_stage=2)
     assert compile_wanted(TrainConfig(method="lora", speed={"compile": "on"}), deepspeed_stage=3)
     assert not compile_wanted(TrainConfig(method="lora", speed={"compile": False}))
+
+
+# ------------------------------------------------------------------------------------ NF4 in compiled layers
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(128, 256), (96, 200)])  # 200: a block count that is no multiple of 256
+def test_nf4_dequantization_matches_bitsandbytes(nested, shape):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from tunesmith.models.fast.nf4 import dequantize_nf4
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    want = bnbf.dequantize_4bit(packed, state)
+    got = dequantize_nf4(packed, state)
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape == shape
+    torch.testing.assert_close(got, want, atol=0, rtol=2**-8)  # at most one bf16 rounding step apart
+
+
+def test_compiled_nf4_forward_matches_linear4bit(monkeypatch):
+    """The torch-op forward (what compiled layers run) against bitsandbytes' own ``Linear4bit.forward``, with
+    the input and bias gradients; eagerly (outside a compiled graph) it is bitsandbytes' forward itself."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from tunesmith.models.fast.nf4 import apply_compiled_nf4
+
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+    layer = bnb.nn.Linear4bit(256, 96, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer.weight = layer.weight.to("cpu")  # quantizes (no-op device move)
+    layer.bias = nn.Parameter(dense.bias.data.clone())
+    if getattr(layer.weight, "quant_state", None) is None:
+        pytest.skip("this bitsandbytes does not quantize on the CPU")
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    outs = []
+    for fast in (False, True):
+        if fast:
+            assert apply_compiled_nf4(layer) == 1
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        xi = x.clone().requires_grad_()
+        layer.bias.grad = None
+        y = layer(xi)
+        (y.float() * torch.linspace(-1, 1, 96)).sum().backward()
+        outs.append((y.float(), xi.grad.float(), layer.bias.grad.float()))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_choose_activation_budget_interpolates_between_probes():
+    from tunesmith.models.fast.checkpointing import choose_activation_budget
+
+    gib = 2**30
+    # peaks measured on the H200 (7B LoRA): 28.2 GiB at 1.0, 19.7 at 0.25; 18.0 at 0.05 assumed here
+    peaks = {1.0: 28.2 * gib, 0.25: 19.7 * gib, 0.05: 18.0 * gib}
+    asked = []
+
+    def peak_at(fraction):
+        asked.append(fraction)
+        return peaks[fraction]
+
+    chosen = choose_activation_budget(peak_at, 19.0 * gib)  # limit 18.43 GiB: between 0.05 and 0.25
+    assert asked == [1.0, 0.25, 0.05]
+    assert 0.05 < chosen < 0.25 and abs(chosen - (0.05 + 0.2 * 0.43 / 1.7)) < 1e-6
+    asked.clear()
+    assert choose_activation_budget(peak_at, 40 * gib) == 1.0 and asked == [1.0]  # everything fits
+    assert choose_activation_budget(peak_at, 17 * gib) is None  # nothing fits: whole layers must be checkpointed

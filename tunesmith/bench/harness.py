@@ -16,11 +16,11 @@ Variants (names as printed):
   speed ceiling, whatever the memory).
 * ``tunesmith[same data]``: ``tunesmith`` on the baseline's own row (one sample, loss on every token): the
   speed-up that does not come from packing.
-* ``tunesmith+compile`` (and ``+compile+adamw8bit`` for QLoRA): ``speed.compile``, every decoder layer compiled
-  by ``torch.compile`` (one graph shared by the layers; liger's modules left out, the compiler fuses the norms
-  and the SwiGLU itself); ``tunesmith+compile[no ckpt]``: the same without checkpointing.
+* ``tunesmith[budget F]``: no layer checkpointed; instead the compiler's partitioner keeps only a fraction ``F`` of
+  the activations it would keep and recomputes the cheapest of the rest (selective checkpointing).
 * ``tunesmith+adamw8bit`` (QLoRA): bitsandbytes' 8-bit AdamW, for the memory it saves.
-* ``-packed_attention``, ``-liger``, ``-chunked_loss``, ``-fused_lora``: ``tunesmith`` with one switch off.
+* ``-compile``, ``-packed_attention``, ``-liger``, ``-chunked_loss``, ``-fused_lora``: ``tunesmith`` with one
+  switch off (``-compile``: eager layers, with liger's norm and SwiGLU modules).
 * ``baseline[again]``: the baseline once more, timed last: the drift of the machine over the run.
 
 Method (timings on a GPU are only worth something warm): before anything is timed, one untimed pass builds the
@@ -56,9 +56,10 @@ from torch import nn
 from tunesmith.bench.data import packed_batches, plain_batch
 from tunesmith.bench.flops import effective_context, flops_per_token, mfu
 from tunesmith.bench.shapes import SHAPES, Shape
+from tunesmith.models.fast.checkpointing import set_activation_budget
 
 GiB = 1024**3
-PROFILED = ("baseline", "tunesmith", "tunesmith+compile", "tunesmith+compile+adamw8bit")
+PROFILED = ("baseline", "tunesmith")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -105,7 +106,7 @@ class Spec:
     liger_kernel: str = "auto"
     chunked_loss: bool = True
     fused_lora: bool = True
-    compile: bool = False
+    compile: bool | None = None  # None: speed.compile auto (compiled layers on CUDA)
     optimizer: str = "adamw"  # adamw | adamw8bit
     ckpt: str = "auto"  # auto | full | none | N (layers left un-checkpointed)
     data: str = "packed"  # packed | plain
@@ -261,7 +262,7 @@ def tunesmith_config(method: str, spec: Spec):
             "packed_attention": spec.packed_attention,
             "liger_kernel": spec.liger_kernel,
             "chunked_loss": spec.chunked_loss,
-            "compile": spec.compile,
+            "compile": "auto" if spec.compile is None else spec.compile,
         },
     )
     return cfg, _Speed(cfg.speed, fused_lora=spec.fused_lora)
@@ -361,7 +362,8 @@ class Bench:
         self.start = time.perf_counter()
         self.results: list[Result] = []
         self.peak_flops = 0.0
-        self.best_keep: dict[str, int] = {}  # per optimizer (+compile): layers left un-checkpointed by ckpt auto
+        # per optimizer (+compile): what ckpt auto chose, (layers left un-checkpointed, compiled activation budget)
+        self.best_keep: dict[str, tuple[int, float | None]] = {}
         self.profiles: list[str] = []
         self._batches: dict[str, tuple[list[dict], float]] = {}
         self.durations: dict[str, float] = {}  # wall seconds of each variant that ran (build + steps)
@@ -373,6 +375,12 @@ class Bench:
     def budget_left(self) -> float:
         return self.o.time_budget_s - self.elapsed()
 
+    def compiled(self, spec: Spec) -> bool:
+        """Whether the variant's decoder layers are compiled (``speed.compile`` auto: on CUDA)."""
+        if spec.kind != "tunesmith":
+            return False
+        return spec.compile if spec.compile is not None else self.device.type == "cuda"
+
     def baseline_peak(self) -> float | None:
         for r in self.results:
             if r.variant == "baseline" and not r.error:
@@ -381,6 +389,8 @@ class Bench:
 
     def build(self, spec: Spec):
         method = self.o.method
+        if self.compiled(spec):
+            set_activation_budget(spec.extra.get("memory_budget"))
         model = build_base_model(self.shape, self.device, self.o.seq_len)
         if method == "qlora":
             quantize_nf4(model, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -412,10 +422,10 @@ class Bench:
 
     def time_needed(self, spec: Spec) -> float:
         """Seconds a variant is expected to take (the median of those of its kind that ran; 25 s before)."""
-        if spec.compile:
-            return 100.0
         same = [t for name, t in self.durations.items() if name.startswith("baseline") == (spec.kind == "baseline")]
-        return statistics.median(same) if same else 25.0
+        if same:
+            return statistics.median(same)
+        return 60.0 if self.compiled(spec) else 25.0
 
     def reserve(self, specs_left: list[Spec]) -> float:
         """Time kept back for ``baseline[again]`` (it runs last whatever else is skipped)."""
@@ -470,16 +480,20 @@ class Bench:
             batches, ctx = self.batches(spec)
             notes = []
             if spec.kind == "tunesmith" and spec.ckpt != "none":
-                keep = 0
+                keep, fraction = 0, None
                 if spec.ckpt == "auto":
-                    keep = self.plan_checkpointing(model, opt, step, batches, spec)
+                    keep, fraction = self.plan_checkpointing(model, opt, step, batches, spec)
                 elif spec.ckpt.isdigit():
                     keep = int(spec.ckpt)
                 checkpointed = set_checkpointed_layers(model, keep)
                 notes.append(f"ckpt {checkpointed}/{self.shape.layers}")
+                if fraction is not None:  # compiled again below, with the chosen fraction
+                    set_activation_budget(fraction)
+                    torch._dynamo.reset()
+                    notes.append(f"act budget {fraction:.2f}")
             if spec.kind == "tunesmith" and spec.data == "packed":
                 notes.append(f"ctx {ctx:.0f}")
-            if spec.compile:  # compile (and recompile) for every kind of batch before anything is timed
+            if self.compiled(spec):  # compile (and recompile) for every kind of batch before anything is timed
                 for batch in batches[: self.o.warmup + self.o.steps]:
                     step(model, opt, batch)
             reset_peak(self.device)
@@ -515,43 +529,74 @@ class Bench:
             traceback.print_exc(limit=6, file=sys.stdout)
         finally:
             del model, opt, step
-            if spec.compile:
+            if self.compiled(spec):
                 try:
                     torch._dynamo.reset()
                 except Exception:
                     pass
+                set_activation_budget(None)
             free(self.device)
         self.results.append(res)
 
-    def plan_checkpointing(self, model, opt, step, batches, spec: Spec) -> int:
-        """Layers to leave un-checkpointed within the budget (``auto_keep_activations``: two measured steps)."""
+    def plan_checkpointing(self, model, opt, step, batches, spec: Spec) -> tuple[int, float | None]:
+        """How to fit the memory budget: ``(layers left un-checkpointed, activation budget of compiled layers)``.
+
+        Compiled layers first try the compiler's own selective recomputation (``choose_activation_budget``: one
+        measured step per probed fraction, no layer checkpointed); when even the smallest fraction does not fit,
+        or the layers are eager, whole layers are checkpointed (``auto_keep_activations``: two measured steps)."""
         from tunesmith.models.fast.checkpointing import (
             auto_keep_activations,
+            choose_activation_budget,
             decoder_layers,
+            set_checkpointed_layers,
         )
 
-        key = spec.optimizer + ("+compile" if spec.compile else "")  # compiled layers keep other activations
+        key = spec.optimizer + ("+compile" if self.compiled(spec) else "")  # compiled layers keep other activations
         if key in self.best_keep:
             return self.best_keep[key]
         budget = self.ckpt_budget_gib()
+        n = len(decoder_layers(model))
         if budget is None or self.device.type != "cuda":
-            self.best_keep[key] = 0
-            return 0
-        peaks = []
+            self.best_keep[key] = (0, None)
+            return self.best_keep[key]
         step(model, opt, batches[0])  # warm-up: optimizer states exist before the peaks are read
+        if self.compiled(spec):
+            probes = []
+
+            def peak_at(fraction: float) -> float:
+                set_activation_budget(fraction)
+                torch._dynamo.reset()
+                set_checkpointed_layers(model, n)
+                step(model, opt, batches[0])  # compiles
+                reset_peak(self.device)
+                step(model, opt, batches[0])
+                probes.append((fraction, torch.cuda.max_memory_allocated(self.device) / GiB))
+                return probes[-1][1] * GiB
+
+            fraction = choose_activation_budget(peak_at, budget * GiB)
+            log(
+                f"[bench] ckpt auto: budget {budget:.2f} GiB, compiled layers' peaks "
+                + ", ".join(f"{p:.2f} GiB at {f}" for f, p in probes)
+                + (f" -> activation budget {fraction:.3f}, no layer checkpointed" if fraction is not None else "")
+            )
+            set_activation_budget(None)
+            torch._dynamo.reset()
+            if fraction is not None:
+                self.best_keep[key] = (n, fraction)
+                return self.best_keep[key]
+        peaks = []
 
         def run_step():
             step(model, opt, batches[0])
             peaks.append(torch.cuda.max_memory_allocated(self.device) / GiB)
 
         keep = auto_keep_activations(model, run_step, budget * GiB)
-        n = len(decoder_layers(model))
         log(
             f"[bench] ckpt auto: budget {budget:.2f} GiB, peaks {', '.join(f'{p:.2f}' for p in peaks)} GiB "
             f"(all checkpointed, {max(1, n // 8)} kept) -> keep {keep}/{n} layers"
         )
-        self.best_keep[key] = keep
-        return keep
+        self.best_keep[key] = (keep, None)
+        return self.best_keep[key]
 
     def profile(self, name: str, step, model, opt, batch, step_ms: float) -> float:
         """One profiled step: top kernels by device time, top host-side ops, and the fraction of the (median,
@@ -599,18 +644,17 @@ class Bench:
         specs = [Spec("baseline", kind="baseline"), Spec("tunesmith")]
         if m == "qlora":
             specs.append(Spec("tunesmith+adamw8bit", optimizer="adamw8bit"))
-            specs.append(Spec("tunesmith+compile+adamw8bit", compile=True, optimizer="adamw8bit"))
-        else:
-            specs.append(Spec("tunesmith+compile", compile=True))
-            specs.append(Spec("tunesmith+compile[no ckpt]", compile=True, ckpt="none"))
+        specs.append(Spec("-compile", compile=False))
+        if m != "qlora":
+            specs.append(Spec("tunesmith[no ckpt]", ckpt="none"))
+            for fraction in (0.5, 0.25):  # selective recomputation chosen by the compiler instead of whole layers
+                specs.append(Spec(f"tunesmith[budget {fraction}]", ckpt="none", extra={"memory_budget": fraction}))
         specs += [
             Spec("-packed_attention", packed_attention=False),
             Spec("-fused_lora", fused_lora=False),
             Spec("-liger", liger_kernel="off"),
             Spec("-chunked_loss", chunked_loss=False),
         ]
-        if m != "qlora":
-            specs.append(Spec("tunesmith[no ckpt]", ckpt="none"))
         specs.append(Spec("tunesmith[same data]", data="plain"))
         if m != "qlora":
             specs.append(Spec("tunesmith[ckpt full]", ckpt="full"))
@@ -683,7 +727,8 @@ class Bench:
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             torch.cuda.set_per_process_memory_fraction(frac, index)
             log(f"[bench] longest: emulating a {self.o.longest_card_gib:.0f} GiB card (fraction {frac:.3f})")
-        specs = [Spec("baseline", kind="baseline"), Spec("tunesmith", data="plain")]
+        # eager layers here: compiled ones would be compiled again for each new length the search tries
+        specs = [Spec("baseline", kind="baseline"), Spec("tunesmith", data="plain", compile=False)]
         share = self.budget_left() / len(specs)
         for i, spec in enumerate(specs):
             deadline = time.perf_counter() + (self.budget_left() / (len(specs) - i) if i else share)

@@ -65,3 +65,41 @@ def auto_keep_activations(model: nn.Module, run_step, budget_bytes: float, probe
     keep = layers_within_budget(peaks[0], peaks[1], probe, budget_bytes * 0.97, len(layers))
     set_checkpointed_layers(model, keep)
     return keep
+
+
+# ------------------------------------------------------------------- compiled layers: the compiler recomputes
+
+# fractions tried by choose_activation_budget, from most kept to least
+BUDGET_PROBES = (1.0, 0.25, 0.05)
+
+
+def set_activation_budget(fraction: float | None) -> None:
+    """The fraction of its usual activations the compiler's partitioner may keep in compiled layers (``None`` /
+    1.0: its default min-cut choice). Below 1 it recomputes in backward the activations that are cheapest per byte
+    until the rest fits (selective checkpointing, chosen op by op). Read when a graph is compiled: compile (or
+    reset and recompile) after setting it."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = 1.0 if fraction is None else float(fraction)
+
+
+def choose_activation_budget(peak_at, budget_bytes: float, probes=BUDGET_PROBES) -> float | None:
+    """The largest activation budget whose step fits ``budget_bytes``, or ``None`` when even the smallest probe
+    does not fit (then whole-layer checkpointing has to help).
+
+    ``peak_at(fraction)`` compiles the layers with that fraction, runs one step and returns its peak memory. The
+    probes are measured from the most kept down until one fits; the answer is interpolated between the last
+    probe that did not fit and the first that did. Peak memory falls faster near 1 than near 0 (the partitioner
+    drops its least useful activations first), so the straight line between two probes lies above the curve:
+    the interpolated fraction fits. A 3 % margin is kept under the budget."""
+    limit = budget_bytes * 0.97
+    above: tuple[float, float] | None = None
+    for fraction in probes:
+        peak = peak_at(fraction)
+        if peak <= limit:
+            if above is None:
+                return fraction
+            hi, hi_peak = above
+            return fraction + (hi - fraction) * (limit - peak) / max(hi_peak - peak, 1.0)
+        above = (fraction, peak)
+    return None
