@@ -921,7 +921,7 @@ def test_gpu_compiled_fast_paths_match_plain(method):
         torch._dynamo.reset()
 
 
-def test_compile_auto_means_a_cuda_gpu_without_deepspeed(monkeypatch):
+def test_compile_auto_means_a_cuda_gpu_without_deepspeed_on_packed_data(monkeypatch):
     from tunesmith.config.schema import TrainConfig
     from tunesmith.models.fast import compile_wanted
 
@@ -930,6 +930,7 @@ def test_compile_auto_means_a_cuda_gpu_without_deepspeed(monkeypatch):
     assert not compile_wanted(auto)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert compile_wanted(auto) and not compile_wanted(auto, deepspeed_stage=2)
+    assert not compile_wanted(TrainConfig(method="lora", data={"pack_to_max_length": False}))
     assert compile_wanted(TrainConfig(method="lora", speed={"compile": "on"}), deepspeed_stage=3)
     assert not compile_wanted(TrainConfig(method="lora", speed={"compile": False}))
 
@@ -999,3 +1000,47 @@ def test_choose_activation_budget_interpolates_between_probes():
     asked.clear()
     assert choose_activation_budget(peak_at, 40 * gib) == 1.0 and asked == [1.0]  # everything fits
     assert choose_activation_budget(peak_at, 17 * gib) is None  # nothing fits: whole layers must be checkpointed
+
+
+def test_fit_compiled_activations_sets_the_budget_that_fits():
+    import torch._functorch.config as functorch_config
+
+    from tunesmith.models.fast.checkpointing import fit_compiled_activations
+
+    gib = 2**30
+    model = tiny_llama(layers=4)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peaks = {1.0: 30 * gib, 0.25: 20 * gib, 0.05: 16 * gib}
+    runs = []
+
+    def run_step():  # the step the probes run: it sees the budget being probed
+        runs.append(functorch_config.activation_memory_budget)
+
+    def peak_of(step):  # stands in for the CUDA peak of that step
+        step()
+        return peaks[functorch_config.activation_memory_budget]
+
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    try:
+        fraction, probes = fit_compiled_activations(model, run_step, 40 * gib, peak_of=peak_of)
+        assert fraction == 1.0 and probes == [(1.0, 30 * gib)] and runs == [1.0, 1.0]
+        assert not any(layer.gradient_checkpointing for layer in layers)
+
+        fraction, probes = fit_compiled_activations(model, run_step, 18 * gib, peak_of=peak_of)
+        assert [f for f, _ in probes] == [1.0, 0.25, 0.05] and 0.05 < fraction < 0.25
+        assert functorch_config.activation_memory_budget == fraction  # set for the compilation to come
+        assert not any(layer.gradient_checkpointing for layer in layers)
+
+        def out_of_memory(step):  # the first probe runs out of memory: it does not fit
+            if functorch_config.activation_memory_budget == 1.0:
+                raise torch.OutOfMemoryError("probe")
+            return peak_of(step)
+
+        fraction, probes = fit_compiled_activations(model, run_step, 25 * gib, peak_of=out_of_memory)
+        assert probes[0][1] == float("inf") and fraction == 0.25
+
+        fraction, _ = fit_compiled_activations(model, run_step, 10 * gib, peak_of=peak_of)
+        assert fraction is None and functorch_config.activation_memory_budget == 1.0
+        assert all(layer.gradient_checkpointing for layer in layers)  # whole layers recompute instead
+    finally:
+        functorch_config.activation_memory_budget = 1.0

@@ -541,14 +541,13 @@ class Bench:
     def plan_checkpointing(self, model, opt, step, batches, spec: Spec) -> tuple[int, float | None]:
         """How to fit the memory budget: ``(layers left un-checkpointed, activation budget of compiled layers)``.
 
-        Compiled layers first try the compiler's own selective recomputation (``choose_activation_budget``: one
+        Compiled layers first try the compiler's own selective recomputation (``fit_compiled_activations``: one
         measured step per probed fraction, no layer checkpointed); when even the smallest fraction does not fit,
         or the layers are eager, whole layers are checkpointed (``auto_keep_activations``: two measured steps)."""
         from tunesmith.models.fast.checkpointing import (
             auto_keep_activations,
-            choose_activation_budget,
             decoder_layers,
-            set_checkpointed_layers,
+            fit_compiled_activations,
         )
 
         key = spec.optimizer + ("+compile" if self.compiled(spec) else "")  # compiled layers keep other activations
@@ -561,25 +560,13 @@ class Bench:
             return self.best_keep[key]
         step(model, opt, batches[0])  # warm-up: optimizer states exist before the peaks are read
         if self.compiled(spec):
-            probes = []
-
-            def peak_at(fraction: float) -> float:
-                set_activation_budget(fraction)
-                torch._dynamo.reset()
-                set_checkpointed_layers(model, n)
-                step(model, opt, batches[0])  # compiles
-                reset_peak(self.device)
-                step(model, opt, batches[0])
-                probes.append((fraction, torch.cuda.max_memory_allocated(self.device) / GiB))
-                return probes[-1][1] * GiB
-
-            fraction = choose_activation_budget(peak_at, budget * GiB)
+            fraction, probes = fit_compiled_activations(model, lambda: step(model, opt, batches[0]), budget * GiB)
             log(
                 f"[bench] ckpt auto: budget {budget:.2f} GiB, compiled layers' peaks "
-                + ", ".join(f"{p:.2f} GiB at {f}" for f, p in probes)
+                + ", ".join(f"{p / GiB:.2f} GiB at {f}" for f, p in probes)
                 + (f" -> activation budget {fraction:.3f}, no layer checkpointed" if fraction is not None else "")
             )
-            set_activation_budget(None)
+            set_activation_budget(None)  # run_variant sets the answer and compiles again
             torch._dynamo.reset()
             if fraction is not None:
                 self.best_keep[key] = (n, fraction)

@@ -144,7 +144,11 @@ class SpeedSection(Section):
     )
     chunked_loss: bool = Field(True, description="cross-entropy in chunks so full logits never materialise")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile each decoder layer; auto = on a CUDA GPU, without DeepSpeed"
+        "auto", description="torch.compile each decoder layer; auto = on a CUDA GPU, packed data, no DeepSpeed"
+    )
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1,
+        description="share of the GPU compiled layers may fill with kept activations (with gradient checkpointing)",
     )
 
     @field_validator("liger_kernel", "compile", mode="before")

@@ -59,6 +59,14 @@ from tunesmith.train.loss import (
     scaled_micro_loss,
     window_tokens,
 )
+from tunesmith.train.memory import (
+    card_budget,
+    longest_batch,
+    no_sync,
+    optimizer_state_bytes,
+    plan_compiled_activations,
+    planning_wanted,
+)
 from tunesmith.train.metrics import MetricsWriter, ProgressBar, count_progress
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
 
@@ -390,6 +398,18 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
                 f" x{env.world_size} on {env.device.type}; trainable parameters {n_train:,}; "
                 f"{steps_per_epoch} steps/epoch, {total_steps} steps"
                 + (f"; resuming from {resume_path} at step {step}" if resumed is not None else ""))
+    if planning_wanted(model, cfg, env.device) and engine is None:
+        def forward_backward(batch: dict[str, Any]) -> None:
+            with no_sync(runner):
+                with autocast:
+                    loss_sum, _ = runner(batch)
+                loss_sum.float().backward()
+
+        printer("fitting the compiled layers' activations into the GPU (a few compiled probe steps) ...")
+        probe = {k: (v.to(env.device) if torch.is_tensor(v) else v)
+                 for k, v in longest_batch(dataset, loader_for(0)).items()}
+        budget = card_budget(cfg, env.device, optimizer_state_bytes(base_optimizer, params, t.optimizer))
+        printer(plan_compiled_activations(model, forward_backward, probe, budget))
     evaluator = EvaluateChat(cfg, tokenizer, work_dir, is_main=env.is_main, printer=printer)
     if resumed is None:
         evaluator.run(model, 0)
@@ -470,8 +490,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
                     window_tokens_seen += int(batch["input_ids"].numel())
                     if engine is not None:
                         engine.set_gradient_accumulation_boundary(last)
-                    sync = (runner.no_sync() if isinstance(runner, torch.nn.parallel.DistributedDataParallel)
-                            and not last else contextlib.nullcontext())
+                    sync = no_sync(runner) if not last else contextlib.nullcontext()
                     with sync:
                         with autocast:
                             loss_sum, _ = runner(batch)

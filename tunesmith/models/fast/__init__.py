@@ -79,12 +79,15 @@ def compile_decoder_layers(model: nn.Module) -> int:
 
 def compile_wanted(cfg: Any, deepspeed_stage: int = 0) -> bool:
     """Resolve ``speed.compile``: ``auto`` compiles on a CUDA GPU when DeepSpeed does not wrap the model (its
-    ZeRO hooks gather and release parameters around each layer); ``on`` / ``off`` (or a bool) as given."""
+    ZeRO hooks gather and release parameters around each layer) and the data is packed (rows of one length: one
+    compiled graph; unpacked rows of ever-changing lengths recompiled the layers five times in eight steps on an
+    H200, slower than eager for short runs); ``on`` / ``off`` (or a bool) as given."""
     mode = getattr(_speed(cfg), "compile", "off")
     if isinstance(mode, bool):
         mode = "on" if mode else "off"
     if mode == "auto":
-        return torch.cuda.is_available() and deepspeed_stage == 0
+        packed = getattr(getattr(cfg, "data", None), "pack_to_max_length", True)
+        return torch.cuda.is_available() and deepspeed_stage == 0 and packed
     return mode == "on"
 
 
@@ -112,7 +115,7 @@ def apply_fast_paths(model: nn.Module, cfg: Any, *, deepspeed_stage: int = 0) ->
         apply_packed_attention(model, True)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         applied["attention"] = getattr(base.config, "_attn_implementation", None)
-    compiled = compile_wanted(speed, deepspeed_stage)
+    compiled = compile_wanted(cfg, deepspeed_stage)
     liger_mode = getattr(speed, "liger_kernel", "auto")
     # compiled layers get RMSNorm and SwiGLU fused by the compiler; liger's modules stay out of those graphs
     # unless asked for by name (its fused cross-entropy in the loss is outside the layers and stays on)

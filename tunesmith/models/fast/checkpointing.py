@@ -6,9 +6,15 @@ Every layer left out saves its forward recompute in backward (with no layer chec
 4N instead of 6N FLOPs per token) and costs that layer's activations in memory for the whole step.
 :func:`layers_within_budget` turns a memory budget into a layer count from two measured peaks, and
 :func:`auto_keep_activations` measures those peaks and applies the result.
+
+Compiled layers have a finer tool: the compiler's partitioner can keep part of a layer's activations and
+recompute the rest op by op (``activation_memory_budget``). :func:`fit_compiled_activations` finds the largest
+such budget that fits with no whole layer checkpointed (the train loop and the bench both use it).
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
@@ -57,11 +63,7 @@ def auto_keep_activations(model: nn.Module, run_step, budget_bytes: float, probe
     peaks = []
     for keep in (0, probe):
         set_checkpointed_layers(model, keep)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        run_step()
-        torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated())
+        peaks.append(cuda_peak(run_step))
     keep = layers_within_budget(peaks[0], peaks[1], probe, budget_bytes * 0.97, len(layers))
     set_checkpointed_layers(model, keep)
     return keep
@@ -103,3 +105,52 @@ def choose_activation_budget(peak_at, budget_bytes: float, probes=BUDGET_PROBES)
             return fraction + (hi - fraction) * (limit - peak) / max(hi_peak - peak, 1.0)
         above = (fraction, peak)
     return None
+
+
+def cuda_peak(run_step) -> float:
+    """Peak CUDA memory (bytes) allocated while ``run_step()`` runs."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run_step()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated())
+
+
+def fit_compiled_activations(model: nn.Module, run_step, budget_bytes: float, *, peak_of=cuda_peak,
+                             probes=BUDGET_PROBES) -> tuple[float | None, list[tuple[float, float]]]:
+    """Fit the activations of compiled decoder layers into ``budget_bytes``; returns the activation budget set
+    (``None``: even the smallest probe did not fit, so every layer is checkpointed whole instead) and the
+    measured ``(fraction, peak bytes)`` probes.
+
+    ``run_step()`` runs one forward + backward of the longest micro-batch and leaves no gradients behind that
+    the next call would add to; each probe compiles the layers again (first call) and measures the second
+    (``peak_of(run_step)``). A probe that runs out of memory does not fit. Leaves the compiled graphs of the
+    last probe in place when that is the answer, else resets them (the next step compiles with the answer)."""
+    import torch
+
+    n = len(decoder_layers(model))
+    measured: list[tuple[float, float]] = []
+
+    def peak_at(fraction: float) -> float:
+        set_activation_budget(fraction)
+        torch._dynamo.reset()
+        set_checkpointed_layers(model, n)
+        try:
+            run_step()
+            peak = peak_of(run_step)
+        except torch.OutOfMemoryError:
+            peak = math.inf
+        if peak == math.inf and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        measured.append((fraction, peak))
+        return peak
+
+    fraction = choose_activation_budget(peak_at, budget_bytes, probes)
+    set_activation_budget(fraction)
+    if fraction is None:
+        set_checkpointed_layers(model, 0)
+    if fraction != measured[-1][0]:
+        torch._dynamo.reset()
+    return fraction, measured
