@@ -67,17 +67,17 @@ def test_full_finetune_run(make_cfg, tmp_path):
 
 def test_progress_bars_report_tokenizing_and_steps(make_cfg, tmp_path, monkeypatch):
     """With progress on, the tokenizing bar receives (done, total) and the training bar every step."""
+    from tunesmith.progress import callback_bar
     from tunesmith.train import metrics
 
     seen: list[tuple[int, int]] = []
-    real = metrics.count_progress
 
     @contextlib.contextmanager
     def spy(description, *, enabled):
-        with real(description, enabled=enabled) as report:
+        with callback_bar(description, enabled=enabled) as report:
             yield (lambda done, total: (seen.append((done, total)), report(done, total))) if report else None
 
-    monkeypatch.setattr("tunesmith.train.loop.count_progress", spy)
+    monkeypatch.setattr("tunesmith.train.loop.callback_bar", spy)
     steps: list[int] = []
     monkeypatch.setattr(metrics.ProgressBar, "update", lambda self, step, epoch, values: steps.append(step))
     cfg = make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}, data={"cache_dir": str(tmp_path / "c")})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
+
+from tunesmith.progress import callback_bar
 
 convert_app = typer.Typer(
     name="convert",
@@ -58,30 +58,6 @@ Example:
 """
 
 
-@contextlib.contextmanager
-def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A byte progress bar with rate and ETA (only when writing to a terminal)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield lambda done, total: None
-        return
-    progress = Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=console, transient=True)
-    task = progress.add_task(description, total=None)
-    with progress:
-        yield lambda done, total: progress.update(task, completed=done, total=total)
-
-
 @convert_app.command("pth_to_hf", help=PTH_TO_HF_HELP)
 def pth_to_hf_cmd(
     config: str = typer.Argument(..., help="The config the checkpoint was trained with (YAML path or recipe name)."),
@@ -97,7 +73,7 @@ def pth_to_hf_cmd(
 ) -> None:
     from tunesmith.export.pth_to_hf import pth_to_hf
 
-    with _progress_bar("writing") as progress:
+    with callback_bar("writing", unit="bytes", stderr=True) as progress:
         result = pth_to_hf(config, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size,
                            safe_serialization=safe_serialization, overwrite=overwrite, overrides=overrides or [],
                            progress=progress)
@@ -124,7 +100,7 @@ def merge_cmd(
     from tunesmith.export.merge import merge_adapter
     from tunesmith.export.shards import format_size
 
-    with _progress_bar("merging") as progress:
+    with callback_bar("merging", unit="bytes", stderr=True) as progress:
         result = merge_adapter(base, adapter, save_dir, max_shard_size=max_shard_size, device=device, dtype=dtype,
                                overwrite=overwrite, progress=progress)
     typer.echo(f"merged {result.lora_modules} LoRA modules ({result.replaced_tensors} tensors replaced) on "
@@ -141,7 +117,7 @@ def split_cmd(
     from tunesmith.export.shards import format_size
     from tunesmith.export.split import split_checkpoint
 
-    with _progress_bar("splitting") as progress:
+    with callback_bar("splitting", unit="bytes", stderr=True) as progress:
         result = split_checkpoint(src, dst, overwrite=overwrite, progress=progress)
     kind = "safetensors" if result.safe else ".bin"
     typer.echo(f"wrote {result.shards} {kind} shards ({format_size(result.total_bytes)}) to {result.save_dir}")

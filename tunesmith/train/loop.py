@@ -38,6 +38,7 @@ import torch
 from tunesmith.config import TrainConfig, config_hash
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_text_atomic
+from tunesmith.progress import callback_bar
 from tunesmith.models.fast import apply_fast_paths, loss_options, remove_fused_lora
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
@@ -67,7 +68,7 @@ from tunesmith.train.memory import (
     plan_compiled_activations,
     planning_wanted,
 )
-from tunesmith.train.metrics import MetricsWriter, ProgressBar, count_progress
+from tunesmith.train.metrics import MetricsWriter, ProgressBar
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
 
 
@@ -324,7 +325,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     model, tokenizer = load_model_and_tokenizer(cfg, env, precision, stage)
     from tunesmith.data import build_train_dataset, make_dataloader
 
-    with count_progress("tokenizing", enabled=env.is_main and progress) as report:
+    with callback_bar("tokenizing", enabled=env.is_main and progress) as report:
         dataset, stats = rank0_first(env, lambda: build_train_dataset(cfg, tokenizer, progress=report),
                                      timeout_minutes=cfg.distributed.dataset_timeout_minutes)
     if len(dataset) == 0:

@@ -6,10 +6,8 @@ checkpoint's step, so the file (and the plot) read like one uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,28 +94,6 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-
-
-@contextlib.contextmanager
-def count_progress(description: str, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A transient rich bar for a preparation step that reports `(done, total)` (tokenizing the dataset); yields
-    the callback, or None when disabled (other ranks, --no-progress)."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), transient=True)
-    task = bar.add_task(description, total=None)
-    with bar:
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 class ProgressBar:
