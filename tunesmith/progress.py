@@ -35,4 +35,3 @@ def callback_bar(description: str, *, unit: str = "count", enabled: bool | None 
     task = bar.add_task(description, total=None)
     with bar:
         yield lambda done, total: bar.update(task, completed=done, total=total)
-

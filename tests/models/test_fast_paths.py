@@ -930,6 +930,7 @@ def test_compile_auto_means_a_cuda_gpu_without_deepspeed_on_packed_data(monkeypa
     assert not compile_wanted(auto)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert compile_wanted(auto) and not compile_wanted(auto, deepspeed_stage=2)
+    assert not compile_wanted(auto, device=torch.device("cpu"))  # a model kept on the CPU of a GPU machine
     assert not compile_wanted(TrainConfig(method="lora", data={"pack_to_max_length": False}))
     assert compile_wanted(TrainConfig(method="lora", speed={"compile": "on"}), deepspeed_stage=3)
     assert not compile_wanted(TrainConfig(method="lora", speed={"compile": False}))

@@ -376,10 +376,11 @@ class Bench:
         return self.o.time_budget_s - self.elapsed()
 
     def compiled(self, spec: Spec) -> bool:
-        """Whether the variant's decoder layers are compiled (``speed.compile`` auto: on CUDA)."""
-        if spec.kind != "tunesmith":
-            return False
-        return spec.compile if spec.compile is not None else self.device.type == "cuda"
+        """Whether the variant's decoder layers are compiled (``apply_fast_paths``' own rule)."""
+        from tunesmith.models.fast import compile_wanted
+
+        speed = tunesmith_config(self.o.method, spec)[1]
+        return spec.kind == "tunesmith" and compile_wanted(speed, device=self.device)
 
     def baseline_peak(self) -> float | None:
         for r in self.results:
@@ -566,8 +567,6 @@ class Bench:
                 + ", ".join(f"{p / GiB:.2f} GiB at {f}" for f, p in probes)
                 + (f" -> activation budget {fraction:.3f}, no layer checkpointed" if fraction is not None else "")
             )
-            set_activation_budget(None)  # run_variant sets the answer and compiles again
-            torch._dynamo.reset()
             if fraction is not None:
                 self.best_keep[key] = (n, fraction)
                 return self.best_keep[key]

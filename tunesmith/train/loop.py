@@ -38,8 +38,8 @@ import torch
 from tunesmith.config import TrainConfig, config_hash
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_text_atomic
-from tunesmith.progress import callback_bar
 from tunesmith.models.fast import apply_fast_paths, loss_options, remove_fused_lora
+from tunesmith.progress import callback_bar
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
     DistEnv,

@@ -77,17 +77,19 @@ def compile_decoder_layers(model: nn.Module) -> int:
     return len(layers)
 
 
-def compile_wanted(cfg: Any, deepspeed_stage: int = 0) -> bool:
-    """Resolve ``speed.compile``: ``auto`` compiles on a CUDA GPU when DeepSpeed does not wrap the model (its
-    ZeRO hooks gather and release parameters around each layer) and the data is packed (rows of one length: one
-    compiled graph; unpacked rows of ever-changing lengths recompiled the layers five times in eight steps on an
-    H200, slower than eager for short runs); ``on`` / ``off`` (or a bool) as given."""
+def compile_wanted(cfg: Any, deepspeed_stage: int = 0, device: torch.device | None = None) -> bool:
+    """Resolve ``speed.compile``: ``auto`` compiles on a CUDA GPU (``device``, default: whether one exists) when
+    DeepSpeed does not wrap the model (its ZeRO hooks gather and release parameters around each layer) and the
+    data is packed (rows of one length: one compiled graph; unpacked rows of ever-changing lengths recompiled the
+    layers five times in eight steps on an H200, slower than eager for short runs); ``on`` / ``off`` (or a bool)
+    as given."""
     mode = getattr(_speed(cfg), "compile", "off")
     if isinstance(mode, bool):
         mode = "on" if mode else "off"
     if mode == "auto":
         packed = getattr(getattr(cfg, "data", None), "pack_to_max_length", True)
-        return torch.cuda.is_available() and deepspeed_stage == 0 and packed
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return on_cuda and deepspeed_stage == 0 and packed
     return mode == "on"
 
 
@@ -115,7 +117,8 @@ def apply_fast_paths(model: nn.Module, cfg: Any, *, deepspeed_stage: int = 0) ->
         apply_packed_attention(model, True)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         applied["attention"] = getattr(base.config, "_attn_implementation", None)
-    compiled = compile_wanted(cfg, deepspeed_stage)
+    first = next(model.parameters(), None)
+    compiled = compile_wanted(cfg, deepspeed_stage, first.device if first is not None else None)
     liger_mode = getattr(speed, "liger_kernel", "auto")
     # compiled layers get RMSNorm and SwiGLU fused by the compiler; liger's modules stay out of those graphs
     # unless asked for by name (its fused cross-entropy in the loss is outside the layers and stays on)

@@ -142,7 +142,6 @@ def fit_compiled_activations(model: nn.Module, run_step, budget_bytes: float, *,
             peak = peak_of(run_step)
         except torch.OutOfMemoryError:
             peak = math.inf
-        if peak == math.inf and torch.cuda.is_available():
             torch.cuda.empty_cache()
         measured.append((fraction, peak))
         return peak
