@@ -22,7 +22,6 @@ from tunesmith.models.fast import (
     apply_liger_kernels,
     attention,
     causal_lm_loss_sum,
-    loss_options,
     model_loss_sum,
     remove_fused_lora,
     set_checkpointed_layers,
@@ -374,7 +373,7 @@ def test_compiled_layers_match_eager_without_graph_breaks(method):
     base = tiny_llama(layers=2)
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-        from tunesmith.bench.harness import quantize_nf4
+        from tunesmith.bench.baseline import quantize_nf4
 
         quantize_nf4(base, torch.float32)
     ref_model = lora(base)
@@ -384,15 +383,15 @@ def test_compiled_layers_match_eager_without_graph_breaks(method):
     set_checkpointed_layers(fast_model, 1)  # one layer of each kind
     set_checkpointed_layers(ref_model, 1)
     cfg = TrainConfig(method=method, speed={"compile": True})
-    info = apply_fast_paths(fast_model, cfg).tunesmith_fast_paths
+    info = _apply(fast_model, cfg).counts
     assert info["compiled_layers"] == 2
     assert info["compiled_nf4_linears"] == (14 if method == "qlora" else 0)
-    apply_fast_paths(ref_model, TrainConfig(method=method, speed={"compile": False}))
+    _apply(ref_model, TrainConfig(method=method, speed={"compile": False}))
     try:
         for _ in range(2):  # the second pass runs the cached graphs
             ref_model.zero_grad(set_to_none=True)
             fast_model.zero_grad(set_to_none=True)
-            opts = loss_options(cfg)
+            opts = _apply_plan(cfg).loss_options()
             loss_ref, _ = model_loss_sum(ref_model, batch, **opts)
             loss_ref.backward()
             loss, _ = model_loss_sum(fast_model, batch, **opts)
@@ -473,7 +472,9 @@ def test_packed_attention_gradients_match_plain():
     batch = packed_batch()
     ref_model = lora(tiny_llama())
     fast_model = copy.deepcopy(ref_model)
-    apply_fast_paths(fast_model, _speed(liger_kernel="off", fused_lora=False))
+    from tunesmith.config.schema import TrainConfig
+
+    _apply(fast_model, TrainConfig(method="lora", speed={"liger_kernel": "off", "fused_lora": False}))
     assert fast_model.get_base_model().config._attn_implementation == PACKED_SDPA
     assert_same_loss_and_grads(fast_model, ref_model, batch)
 
@@ -534,22 +535,16 @@ def test_fused_lora_defers_to_peft_when_adapters_disabled():
 # ------------------------------------------------------------------------------ apply_fast_paths, config
 
 
-def _speed(**kw):
-    from tunesmith.config.schema import SpeedSection
-
-    fused = kw.pop("fused_lora", True)
-    return _SpeedWithExtra(SpeedSection(**kw), fused_lora=fused)
+def _apply(model, cfg, device="cpu", deepspeed_stage=0):
+    return apply_fast_paths(model, cfg.speed, packed=cfg.data.pack_to_max_length, deepspeed_stage=deepspeed_stage,
+                            device=device)
 
 
-class _SpeedWithExtra:
-    """A speed section plus the proposed ``fused_lora`` key (not in the schema yet)."""
+def _apply_plan(cfg, device="cpu", deepspeed_stage=0):
+    from tunesmith.models.fast import plan_fast_paths
 
-    def __init__(self, speed, **extra):
-        self._speed = speed
-        self.__dict__.update(extra)
-
-    def __getattr__(self, name):
-        return getattr(self._speed, name)
+    return plan_fast_paths(cfg.speed, packed=cfg.data.pack_to_max_length, deepspeed_stage=deepspeed_stage,
+                           device=device)
 
 
 def test_apply_fast_paths_on_cpu_end_to_end_matches_plain():
@@ -558,12 +553,12 @@ def test_apply_fast_paths_on_cpu_end_to_end_matches_plain():
     cfg = TrainConfig(method="lora")
     batch = packed_batch()
     ref_model = lora(tiny_llama(), dropout=0.1)
-    fast_model = apply_fast_paths(copy.deepcopy(ref_model), cfg)
-    info = fast_model.tunesmith_fast_paths
-    assert info["attention"] == PACKED_SDPA
-    assert info["liger"] == {"rms_norm": 0, "swiglu": 0}  # no CUDA here: auto is a clean no-op
-    assert info["fused_lora_layers"] == 14
-    opts = loss_options(cfg)
+    fast_model = copy.deepcopy(ref_model)
+    fast = _apply(fast_model, cfg)
+    assert fast.attention == PACKED_SDPA
+    assert not fast.liger_modules and "rms_norm" not in fast.counts  # no CUDA here: auto is a clean no-op
+    assert fast.counts["fused_lora_layers"] == 14
+    opts = fast.loss_options()
     assert opts == {"chunked": True, "use_liger": False}
     torch.manual_seed(5)
     loss_ref, n_ref = model_loss_sum(ref_model, batch, chunked=False)
@@ -582,10 +577,12 @@ def test_apply_fast_paths_all_off_leaves_model_alone():
     cfg = TrainConfig(
         method="lora", speed={"packed_attention": False, "liger_kernel": "off", "chunked_loss": False}
     )
+    cfg.speed.fused_lora = False
     model = lora(tiny_llama())
-    apply_fast_paths(model, _SpeedWithExtra(cfg.speed, fused_lora=False))
+    fast = _apply(model, cfg)
     assert model.get_base_model().config._attn_implementation == "sdpa"
-    assert loss_options(cfg) == {"chunked": False, "use_liger": False}
+    assert fast.loss_options() == {"chunked": False, "use_liger": False} and fast.counts == {}
+    assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
@@ -674,34 +671,6 @@ def test_set_checkpointed_layers():
     flags = [layer.gradient_checkpointing for layer in model.model.layers]
     assert flags == [True, False, False, False]
     assert set_checkpointed_layers(model, 10) == 0
-
-
-def test_auto_keep_activations_from_two_measured_peaks(monkeypatch):
-    from tunesmith.models.fast.checkpointing import (
-        auto_keep_activations,
-        layers_within_budget,
-    )
-
-    model = tiny_llama(layers=8)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    gib = 1024**3
-    peaks = iter([10 * gib, 11 * gib])  # all checkpointed: 10 GiB; one layer kept (8 // 8): +1 GiB
-    current = {"peak": 0}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: current["peak"])
-    calls = []
-
-    def run_step():
-        calls.append([layer.gradient_checkpointing for layer in model.model.layers])
-        current["peak"] = next(peaks)
-
-    keep = auto_keep_activations(model, run_step, budget_bytes=14.5 * gib)
-    assert calls[0] == [True] * 8 and calls[1] == [True] * 7 + [False]
-    assert keep == 4  # (14.5 * 0.97 - 10) // 1 = 4
-    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True] * 4 + [False] * 4
-    assert layers_within_budget(10, 11, 1, 9, 8) == 0 and layers_within_budget(10, 10.5, 2, 100, 8) == 8
 
 
 # ---------------------------------------------------------------------------------------- GPU (bf16)
@@ -851,8 +820,8 @@ def test_gpu_all_fast_paths_match_plain():
 
     cfg = TrainConfig(method="lora")
     plain, fast, ref = _gpu_models()
-    apply_fast_paths(fast, cfg)
-    _check_against_fp32(plain, fast, ref, _gpu_batch(), loss_options(cfg))
+    opts = _apply(fast, cfg, "cuda").loss_options()
+    _check_against_fp32(plain, fast, ref, _gpu_batch(), opts)
 
 
 @pytest.mark.gpu
@@ -860,7 +829,7 @@ def test_gpu_all_fast_paths_match_plain():
 def test_gpu_qlora_fast_paths_match_plain():
     """NF4 base: fused LoRA over bitsandbytes' Linear4bit, liger, packed attention, fused CE."""
     pytest.importorskip("bitsandbytes")
-    from tunesmith.bench.harness import quantize_nf4
+    from tunesmith.bench.baseline import quantize_nf4
     from tunesmith.config.schema import TrainConfig
 
     base = tiny_llama(dtype=torch.bfloat16, device="cuda", vocab=1000, layers=2)
@@ -868,11 +837,11 @@ def test_gpu_qlora_fast_paths_match_plain():
     plain = lora(base)
     fast = copy.deepcopy(plain)
     cfg = TrainConfig(method="qlora")
-    info = apply_fast_paths(fast, cfg).tunesmith_fast_paths
-    assert info["fused_lora_layers"] == 2 * 7
+    applied = _apply(fast, cfg, "cuda")
+    assert applied.counts["fused_lora_layers"] == 2 * 7
     batch = _gpu_batch()
     l_plain, g_plain = _run(plain, batch, chunked=False)
-    l_fast, g_fast = _run(fast, batch, **loss_options(cfg))
+    l_fast, g_fast = _run(fast, batch, **applied.loss_options())
     assert abs(l_fast - l_plain) < 3e-2
     assert _rel_err(g_fast, g_plain) < 5e-2
 
@@ -891,7 +860,7 @@ def test_gpu_compiled_fast_paths_match_plain(method):
     counters.clear()
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-        from tunesmith.bench.harness import quantize_nf4
+        from tunesmith.bench.baseline import quantize_nf4
 
         base = tiny_llama(dtype=torch.bfloat16, device="cuda", vocab=1000, layers=2)
         quantize_nf4(base, torch.bfloat16)
@@ -905,35 +874,117 @@ def test_gpu_compiled_fast_paths_match_plain(method):
         m.train()
         set_checkpointed_layers(m, 1)
     cfg = TrainConfig(method=method, speed={"compile": True})
-    assert apply_fast_paths(fast, cfg).tunesmith_fast_paths["compiled_layers"] == 2
+    applied = _apply(fast, cfg, "cuda")
+    assert applied.compiled_layers == 2
+    opts = applied.loss_options()
     batch = _gpu_batch()
     try:
         if ref is not None:
-            _check_against_fp32(plain, fast, ref, batch, loss_options(cfg))
+            _check_against_fp32(plain, fast, ref, batch, opts)
         else:
             l_plain, g_plain = _run(plain, batch, chunked=False)
-            l_fast, g_fast = _run(fast, batch, **loss_options(cfg))
+            l_fast, g_fast = _run(fast, batch, **opts)
             assert abs(l_fast - l_plain) < 3e-2
             assert _rel_err(g_fast, g_plain) < 5e-2
-        _run(fast, batch, **loss_options(cfg))  # again: the cached graphs
+        _run(fast, batch, **opts)  # again: the cached graphs
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
 
 
-def test_compile_auto_means_a_cuda_gpu_without_deepspeed_on_packed_data(monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_fast_paths_decided_for_a_cuda_target_on_any_machine(method):
+    """What `tunesmith train` decides for a model that will train on a GPU, pinned here on the CPU: compiled
+    layers (also under ZeRO-1/2), fused LoRA, packed attention, chunked loss; eager under ZeRO-3."""
     from tunesmith.config.schema import TrainConfig
-    from tunesmith.models.fast import compile_wanted
 
-    auto = TrainConfig(method="lora")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert not compile_wanted(auto)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert compile_wanted(auto) and not compile_wanted(auto, deepspeed_stage=2)
-    assert not compile_wanted(auto, device=torch.device("cpu"))  # a model kept on the CPU of a GPU machine
-    assert not compile_wanted(TrainConfig(method="lora", data={"pack_to_max_length": False}))
-    assert compile_wanted(TrainConfig(method="lora", speed={"compile": "on"}), deepspeed_stage=3)
-    assert not compile_wanted(TrainConfig(method="lora", speed={"compile": False}))
+    cfg = TrainConfig(method=method)
+    fast = _apply_plan(cfg, device=torch.device("cuda"))
+    assert fast.compiled and fast.compile_reason == "compile auto" and fast.device == "cuda"
+    assert fast.fused_lora and fast.packed_attention and fast.chunked_loss
+    for stage in (1, 2):
+        assert _apply_plan(cfg, device="cuda", deepspeed_stage=stage).compiled
+    zero3 = _apply_plan(cfg, device="cuda", deepspeed_stage=3)
+    assert not zero3.compiled and "ZeRO-3" in zero3.compile_reason and not zero3.fused_lora
+    cpu = _apply_plan(cfg, device="cpu")
+    assert not cpu.compiled and "not on a CUDA GPU" in cpu.compile_reason and not cpu.liger_loss
+    unpacked = TrainConfig(method=method, data={"pack_to_max_length": False})
+    assert not _apply_plan(unpacked, device="cuda").compiled
+    assert _apply_plan(TrainConfig(method=method, speed={"compile": "on"}), "cuda", 3).compiled
+    assert not _apply_plan(TrainConfig(method=method, speed={"compile": False}), "cuda").compiled
+    line = fast.describe()
+    assert "fast paths on cuda" in line and "compiled layers" in line and "fused LoRA" in line
+
+
+def test_embeddings_on_host_only_where_one_process_owns_a_gpu_model():
+    from tunesmith.config.schema import TrainConfig
+
+    cfg = TrainConfig(method="qlora", speed={"embeddings_on_host": True})
+    assert _apply_plan(cfg, device="cuda").embeddings_on_host
+    assert not _apply_plan(cfg, device="cuda", deepspeed_stage=2).embeddings_on_host  # DeepSpeed moves it back
+    assert not _apply_plan(cfg, device="cpu").embeddings_on_host
+    from tunesmith.models.fast import plan_fast_paths
+
+    assert not plan_fast_paths(cfg.speed, packed=True, deepspeed_stage=0, device="cuda", world_size=2).embeddings_on_host
+    assert not _apply_plan(TrainConfig(method="qlora"), device="cuda").embeddings_on_host  # off by default
+
+
+def test_host_embedding_is_the_same_lookup_and_keeps_its_keys():
+    from tunesmith.models.fast.host_embedding import HostEmbedding, host_embedding_possible, move_embeddings_to_host
+
+    batch = packed_batch()
+    ref_model = lora(tiny_llama())
+    fast_model = copy.deepcopy(ref_model)
+    keys = set(fast_model.state_dict())
+    assert move_embeddings_to_host(fast_model, torch.device("cpu"))
+    assert isinstance(fast_model.get_base_model().get_input_embeddings(), HostEmbedding)
+    assert set(fast_model.state_dict()) == keys
+    assert_same_loss_and_grads(fast_model, ref_model, batch)
+    tied = tiny_llama()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tied.requires_grad_(False)
+    assert not host_embedding_possible(tied)  # the head reads the same table
+    assert not host_embedding_possible(tiny_llama())  # trainable (full fine-tuning)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_host_embedding_step_matches_the_device_embedding():
+    """A training step with the table on the host and the token ids handed over there: same loss and gradients,
+    and the table takes no GPU memory."""
+    from tunesmith.config.schema import TrainConfig
+    from tunesmith.train.loss import CausalLMLoss
+    from tunesmith.train.step import LocalBackend, TrainStep
+
+    torch.manual_seed(0)
+    plain, fast, _ = _gpu_models()
+    cfg = TrainConfig(method="lora", speed={"embeddings_on_host": True, "compile": "off"})
+    applied = _apply(fast, cfg, "cuda")
+    _apply(plain, TrainConfig(method="lora", speed={"compile": "off"}), "cuda")
+    assert applied.counts["embeddings_on_host"] == 1 and applied.host_inputs == ("input_ids",)
+    assert fast.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+    batch = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in _gpu_batch().items()}
+    batch["num_loss_tokens"] = int((batch["labels"][:, 1:] != -100).sum())
+    losses, all_grads = [], []
+    for model, host in ((plain, ()), (fast, applied.host_inputs)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.0)
+        step = TrainStep(LocalBackend(CausalLMLoss(model, applied.loss_options()), opt, params, precision="bf16",
+                                      device=torch.device("cuda"), max_norm=None), torch.device("cuda"), host)
+        for p in params:  # keep the gradients for the comparison (the step clears them)
+            p.register_post_accumulate_grad_hook(lambda p: all_grads.append(p.grad.detach().clone()))
+        losses.append(step([batch]).loss)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    half = len(all_grads) // 2
+    for a, b in zip(all_grads[:half], all_grads[half:]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_liger_on_for_a_cpu_target_is_a_user_error():
+    from tunesmith.config.schema import TrainConfig
+
+    with pytest.raises(TunesmithError, match="liger_kernel"):
+        _apply_plan(TrainConfig(method="lora", speed={"liger_kernel": "on"}), device="cpu")
 
 
 # ------------------------------------------------------------------------------------ NF4 in compiled layers
@@ -983,65 +1034,105 @@ def test_compiled_nf4_forward_matches_linear4bit(monkeypatch):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
-def test_choose_activation_budget_interpolates_between_probes():
-    from tunesmith.models.fast.checkpointing import choose_activation_budget
+class _FakeCard:
+    """Stands in for a GPU in the activation planner: the peak of a step is ``base`` plus, per layer, the bytes a
+    compiled layer keeps at the compiled budget (``per_layer[budget]``) or ``whole`` when checkpointed whole."""
 
-    gib = 2**30
-    # peaks measured on the H200 (7B LoRA): 28.2 GiB at 1.0, 19.7 at 0.25; 18.0 at 0.05 assumed here
-    peaks = {1.0: 28.2 * gib, 0.25: 19.7 * gib, 0.05: 18.0 * gib}
-    asked = []
+    def __init__(self, model, base, per_layer, whole, fail_above=None):
+        import torch._functorch.config as functorch_config
 
-    def peak_at(fraction):
-        asked.append(fraction)
-        return peaks[fraction]
+        self.config, self.model = functorch_config, model
+        self.base, self.per_layer, self.whole, self.fail_above = base, per_layer, whole, fail_above
+        self.compiled_with = []
+        self.resets = 0
 
-    chosen = choose_activation_budget(peak_at, 19.0 * gib)  # limit 18.43 GiB: between 0.05 and 0.25
-    assert asked == [1.0, 0.25, 0.05]
-    assert 0.05 < chosen < 0.25 and abs(chosen - (0.05 + 0.2 * 0.43 / 1.7)) < 1e-6
-    asked.clear()
-    assert choose_activation_budget(peak_at, 40 * gib) == 1.0 and asked == [1.0]  # everything fits
-    assert choose_activation_budget(peak_at, 17 * gib) is None  # nothing fits: whole layers must be checkpointed
+    def layers(self):
+        return [m for m in self.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+
+    def budget(self):
+        return self.config.activation_memory_budget
+
+    def peak_of(self, step):
+        step()
+        b = self.budget()
+        per = self.per_layer(b) if callable(self.per_layer) else self.per_layer[b]
+        peak = self.base + sum(self.whole if layer.gradient_checkpointing else per for layer in self.layers())
+        if self.fail_above is not None and peak > self.fail_above:
+            raise torch.OutOfMemoryError("probe")
+        return peak
 
 
-def test_fit_compiled_activations_sets_the_budget_that_fits():
-    import torch._functorch.config as functorch_config
+def _planner_model(layers=8):
+    model = tiny_llama(layers=layers)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
+
+def test_activation_plan_keeps_everything_when_it_fits():
     from tunesmith.models.fast.checkpointing import fit_compiled_activations
 
     gib = 2**30
-    model = tiny_llama(layers=4)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peaks = {1.0: 30 * gib, 0.25: 20 * gib, 0.05: 16 * gib}
-    runs = []
-
-    def run_step():  # the step the probes run: it sees the budget being probed
-        runs.append(functorch_config.activation_memory_budget)
-
-    def peak_of(step):  # stands in for the CUDA peak of that step
-        step()
-        return peaks[functorch_config.activation_memory_budget]
-
-    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    model = _planner_model()
+    card = _FakeCard(model, 10 * gib, {1.0: 1 * gib}, 0.1 * gib)
     try:
-        fraction, probes = fit_compiled_activations(model, run_step, 40 * gib, peak_of=peak_of)
-        assert fraction == 1.0 and probes == [(1.0, 30 * gib)] and runs == [1.0, 1.0]
-        assert not any(layer.gradient_checkpointing for layer in layers)
-
-        fraction, probes = fit_compiled_activations(model, run_step, 18 * gib, peak_of=peak_of)
-        assert [f for f, _ in probes] == [1.0, 0.25, 0.05] and 0.05 < fraction < 0.25
-        assert functorch_config.activation_memory_budget == fraction  # set for the compilation to come
-        assert not any(layer.gradient_checkpointing for layer in layers)
-
-        def out_of_memory(step):  # the first probe runs out of memory: it does not fit
-            if functorch_config.activation_memory_budget == 1.0:
-                raise torch.OutOfMemoryError("probe")
-            return peak_of(step)
-
-        fraction, probes = fit_compiled_activations(model, run_step, 25 * gib, peak_of=out_of_memory)
-        assert probes[0][1] == float("inf") and fraction == 0.25
-
-        fraction, _ = fit_compiled_activations(model, run_step, 10 * gib, peak_of=peak_of)
-        assert fraction is None and functorch_config.activation_memory_budget == 1.0
-        assert all(layer.gradient_checkpointing for layer in layers)  # whole layers recompute instead
+        plan = fit_compiled_activations(model, lambda: None, 40 * gib, peak_of=card.peak_of)
+        assert (plan.fraction, plan.whole_layers, plan.fits) == (1.0, 0, True)
+        assert len(plan.probes) == 1 and plan.peak == 18 * gib
+        assert not any(layer.gradient_checkpointing for layer in card.layers())
+        assert "keep 100% of their activations, 0/8 layers checkpointed whole" in plan.describe()
     finally:
-        functorch_config.activation_memory_budget = 1.0
+        card.config.activation_memory_budget = 1.0
+
+
+def test_activation_plan_interpolates_a_budget_between_everything_and_whole_layers():
+    from tunesmith.models.fast.checkpointing import fit_compiled_activations
+
+    gib = 2**30
+    model = _planner_model()
+    # kept bytes fall faster near 1 than near 0 (the partitioner drops its least useful activations first)
+    card = _FakeCard(model, 10 * gib, lambda b: (0.1 + 0.9 * b**2) * gib, 0.1 * gib)
+    try:
+        plan = fit_compiled_activations(model, lambda: None, 14 * gib, peak_of=card.peak_of)
+        limit = 14 * gib
+        assert plan.whole_layers == 0 and 0.01 < plan.fraction < 1.0 and plan.peak <= limit
+        assert [(f, w) for f, w, _ in plan.probes] == [(1.0, 0), (1.0, 8), (plan.fraction, 0)]  # two compilations
+        assert card.budget() == plan.fraction  # the graphs of the plan stay compiled
+    finally:
+        card.config.activation_memory_budget = 1.0
+
+
+def test_activation_plan_adds_whole_layers_when_a_budget_alone_does_not_fit():
+    """The issue's cliff: 5 % of the activations did not fit and everything went whole, at more memory than the
+    refused option. Now whole layers are added on top of the budget, only as many as needed."""
+    from tunesmith.models.fast.checkpointing import fit_compiled_activations
+
+    gib = 2**30
+    model = _planner_model()
+    per = {1.0: 1.0 * gib}
+    card = _FakeCard(model, 10 * gib, lambda b: per.get(b, 0.3 * gib), 0.1 * gib)  # a budget's floor: 0.3 GiB
+    try:
+        plan = fit_compiled_activations(model, lambda: None, 12.25 * gib, peak_of=card.peak_of)
+        limit = 12.25 * gib
+        assert plan.fits and plan.peak <= limit and 0 < plan.whole_layers < 8 and plan.fraction < 1.0
+        refused = [p for f, w, p in plan.probes if p > limit]
+        assert all(p > plan.peak for p in refused)
+        flags = [layer.gradient_checkpointing for layer in card.layers()]
+        assert flags == [True] * plan.whole_layers + [False] * (8 - plan.whole_layers)
+    finally:
+        card.config.activation_memory_budget = 1.0
+
+
+def test_activation_plan_takes_the_least_memory_when_nothing_fits_and_survives_out_of_memory():
+    from tunesmith.models.fast.checkpointing import fit_compiled_activations
+
+    gib = 2**30
+    model = _planner_model()
+    card = _FakeCard(model, 10 * gib, {1.0: 1 * gib}, 0.1 * gib, fail_above=15 * gib)
+    try:
+        plan = fit_compiled_activations(model, lambda: None, 9 * gib, peak_of=card.peak_of)
+        assert plan.probes[0][2] == float("inf")  # the first probe ran out of memory: it does not fit
+        assert plan.whole_layers == 8 and not plan.fits and plan.peak == min(p for _, _, p in plan.probes)
+        assert "nothing tried fits" in plan.describe()
+        assert all(layer.gradient_checkpointing for layer in card.layers())
+    finally:
+        card.config.activation_memory_budget = 1.0

@@ -11,15 +11,13 @@ from tunesmith.train import train
 from tunesmith.train.memory import longest_batch, optimizer_state_bytes, planning_wanted
 
 
-def test_optimizer_state_bytes_counts_what_the_first_step_allocates():
+def test_optimizer_state_bytes_counts_what_the_first_step_will_allocate():
     params = [torch.nn.Parameter(torch.randn(10, 4)), torch.nn.Parameter(torch.randn(6, dtype=torch.bfloat16))]
-    optimizer = torch.optim.AdamW(params, foreach=False)
-    assert optimizer_state_bytes(optimizer, params, "adamw") == 2 * (40 * 4 + 6 * 2)  # two moments, param dtype
-    assert optimizer_state_bytes(optimizer, params, "adamw_8bit") == 2 * 46
-    assert optimizer_state_bytes(optimizer, params, "paged_adamw_32bit") == 0  # outside the allocator's count
-    sum(p.float().sum() for p in params).backward()
-    optimizer.step()
-    assert optimizer_state_bytes(optimizer, params, "adamw") == 0  # already allocated (and measured)
+    assert optimizer_state_bytes(params, "adamw") == 2 * (40 * 4 + 6 * 2)  # two moments, param dtype
+    assert optimizer_state_bytes(params, "adamw_8bit") == 2 * 46
+    assert optimizer_state_bytes(params, "paged_adamw_32bit") == 0  # outside the allocator's count
+    # DeepSpeed: fp32 masters, moments and gradient partitions, split over the ranks
+    assert optimizer_state_bytes(params, "adamw", deepspeed_stage=2, world_size=2) == 16 * 46 // 2
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -41,14 +39,18 @@ def test_longest_batch_holds_the_longest_rows():
     assert sorted(int(r[0]) for r in batch["input_ids"]) == [2, 4, 5]  # rows 1, 4 (12 tokens) and 3 (9)
 
 
-def test_no_planning_without_compiled_layers_on_cuda(make_cfg):
-    model = torch.nn.Linear(2, 2)
-    cfg = make_cfg(training={"gradient_checkpointing": True})
-    assert not planning_wanted(model, cfg, torch.device("cpu"))
-    model.tunesmith_fast_paths = {"compiled_layers": 2}
-    assert not planning_wanted(model, cfg, torch.device("cpu"))
-    assert planning_wanted(model, cfg, torch.device("cuda"))
-    assert not planning_wanted(model, make_cfg(), torch.device("cuda"))  # checkpointing off: nothing to fit
+def test_planning_only_for_compiled_layers_on_cuda_with_checkpointing():
+    from tunesmith.config.schema import SpeedSection
+    from tunesmith.models.fast import plan_fast_paths
+
+    speed = SpeedSection()
+    on_cuda = plan_fast_paths(speed, packed=True, deepspeed_stage=0, device="cuda")
+    on_cpu = plan_fast_paths(speed, packed=True, deepspeed_stage=0, device="cpu")
+    assert planning_wanted(on_cuda, True)
+    assert not planning_wanted(on_cuda, False)  # checkpointing off: nothing to fit
+    assert not planning_wanted(on_cpu, True)
+    assert not planning_wanted(plan_fast_paths(SpeedSection(compile="off"), packed=True, deepspeed_stage=0,
+                                               device="cuda"), True)
 
 
 @pytest.mark.gpu
@@ -64,8 +66,9 @@ def test_compiled_training_fits_activations_and_matches_eager(make_cfg, tmp_path
     eager = run("eager", compile="off")
     assert "activation memory" not in capsys.readouterr().out
     compiled = run("compiled", compile="on")
-    assert "compiled layers keep 100% of their activations" in capsys.readouterr().out  # a tiny model fits
+    assert "compiled layers keep 100% of their activations, 0/2 layers checkpointed whole" in \
+        capsys.readouterr().out  # a tiny model fits
     tight = run("tight", compile="on", memory_fraction=1e-6)
-    assert "checkpointed whole" in capsys.readouterr().out
+    assert "2/2 layers checkpointed whole" in capsys.readouterr().out
     assert compiled == pytest.approx(eager, abs=0.03)  # bf16, other kernels
     assert tight == pytest.approx(eager, abs=0.03)

@@ -77,7 +77,7 @@ def test_progress_bars_report_tokenizing_and_steps(make_cfg, tmp_path, monkeypat
         with callback_bar(description, enabled=enabled) as report:
             yield (lambda done, total: (seen.append((done, total)), report(done, total))) if report else None
 
-    monkeypatch.setattr("tunesmith.train.loop.callback_bar", spy)
+    monkeypatch.setattr("tunesmith.train.setup.callback_bar", spy)
     steps: list[int] = []
     monkeypatch.setattr(metrics.ProgressBar, "update", lambda self, step, epoch, values: steps.append(step))
     cfg = make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}, data={"cache_dir": str(tmp_path / "c")})

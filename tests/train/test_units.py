@@ -130,6 +130,26 @@ def test_optimizer_state_roundtrip_bit_exact(fused, device):
     assert opt2.param_groups[0]["lr"] == 1e-2 and tuple(opt2.param_groups[0]["betas"]) == (0.8, 0.95)
 
 
+def test_nested_optimizer_state_roundtrip():
+    """bitsandbytes' 8-bit and paged optimizers nest their quantization tensors under one key."""
+    state = {"state": {0: {"step": 3, "__bnb_optimizer_quant_state__": {
+        "state1": torch.randint(0, 255, (8,), dtype=torch.uint8), "absmax1": torch.rand(2),
+        "qmap1": torch.linspace(-1, 1, 16)}}, 1: {"step": torch.tensor(2.0)}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "params": [0, 1], "optim_bits": 8}]}
+    tensors, rest = ckpt.flatten_optimizer_state(state)
+    assert set(tensors) == {"state.0.__bnb_optimizer_quant_state__.state1",
+                            "state.0.__bnb_optimizer_quant_state__.absmax1",
+                            "state.0.__bnb_optimizer_quant_state__.qmap1", "state.1.step"}
+    back = ckpt.unflatten_optimizer_state(tensors, json.loads(json.dumps(rest)))
+    inner = back["state"][0]["__bnb_optimizer_quant_state__"]
+    assert back["state"][0]["step"] == 3 and torch.equal(inner["state1"], state["state"][0][
+        "__bnb_optimizer_quant_state__"]["state1"])
+    assert torch.equal(back["state"][1]["step"], torch.tensor(2.0))
+    assert back["param_groups"][0]["betas"] == (0.9, 0.99) and back["param_groups"][0]["params"] == [0, 1]
+    with pytest.raises(TypeError, match="cannot store"):
+        ckpt.flatten_optimizer_state({"state": {0: {"odd": object()}}, "param_groups": []})
+
+
 def test_rng_state_roundtrip():
     state = json.loads(json.dumps(ckpt.rng_state()))
     a = (random.random(), np.random.rand(), torch.rand(2))

@@ -4,6 +4,7 @@ variables (NPROC_PER_NODE, NNODES, NODE_RANK, ADDR, PORT), as XTuner."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -75,11 +76,33 @@ def register(app: typer.Typer) -> None:
         from tunesmith.config import load_config
         from tunesmith.train import train
 
-        cfg, stem = load_config(config, list(overrides or []) + extra)
-        out = work_dir or Path(cfg.work_dir or Path("work_dirs") / stem)
-        result = train(cfg, work_dir=out, resume=resume, deepspeed=deepspeed, seed=seed,
-                       progress=not no_progress and sys.stdout.isatty())
+        flags = [f"distributed.deepspeed={deepspeed}"] if deepspeed is not None else []
+        flags += [f"training.seed={seed}"] if seed is not None else []
+        flags += [f"work_dir={work_dir}"] if work_dir is not None else []
+        cfg, stem = load_config(config, list(overrides or []) + extra + flags)
+        result = train(cfg, resume=resume, config_name=stem, progress=not no_progress and sys.stdout.isatty())
+        is_main = os.environ.get("RANK", "0") == "0"
         if result.interrupted:
+            if is_main:
+                typer.echo(f"resume with:\n  {resume_command(result.work_dir)}")
             raise typer.Exit(130)
-        if result.last_checkpoint is not None and os.environ.get("RANK", "0") == "0":
+        if result.last_checkpoint is not None and is_main:
             typer.echo(f"done: {result.steps} steps in {result.seconds:.0f}s; last checkpoint {result.last_checkpoint}")
+
+
+def resume_command(work_dir: Path) -> str:
+    """The command line that continues this run: this process's own `tunesmith train ...` arguments (without an
+    earlier --resume) plus --work-dir and --resume auto."""
+    args = _train_args()
+    kept, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--resume":
+            i += 2 if i + 1 < len(args) and not args[i + 1].startswith("-") else 1
+            continue
+        if not a.startswith("--resume="):
+            kept.append(a)
+        i += 1
+    if "--work-dir" not in kept and not any(a.startswith("--work-dir=") for a in kept):
+        kept += ["--work-dir", str(work_dir)]
+    return "tunesmith train " + " ".join(shlex.quote(a) for a in kept) + " --resume auto"

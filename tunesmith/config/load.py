@@ -133,6 +133,12 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     return validate(data, source), stem
 
 
+def default_work_dir(cfg: TrainConfig, config_name: str | None = None) -> Path:
+    """Where a run writes: ``work_dir`` of the config, else ``work_dirs/<config name>`` (the YAML file's stem or
+    the recipe's name), else ``work_dirs/run``."""
+    return Path(cfg.work_dir) if cfg.work_dir else Path("work_dirs") / (config_name or "run")
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """A stable hash of what decides the training run (used to refuse resuming with another config)."""
     relevant = cfg.model_dump(mode="json", exclude={"work_dir": True, "logging": True, "evaluation": True})

@@ -35,10 +35,13 @@ def _is_internlm_tokenizer(folder: Path) -> bool:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a model folder (or any name resolve_model_path accepts), pad token set, right padding."""
+    """The tokenizer of a model folder, a tokenizer-only folder (``model.tokenizer_path``), or any name
+    resolve_model_path accepts; pad token set, right padding."""
     from tunesmith.models.resolve import resolve_model_path
 
-    folder = resolve_model_path(path)
+    local = Path(path).expanduser()
+    tokenizer_only = local.is_dir() and any((local / name).is_file() for name in _TOKENIZER_FILES)
+    folder = local if tokenizer_only else resolve_model_path(path)
     if _is_internlm_tokenizer(folder):
         tokenizer = _sentencepiece_as_llama(folder)
     else:

@@ -42,26 +42,65 @@ _EPOCH = re.compile(r"^epoch_(\d+)\.pth$")
 
 # ----------------------------------------------------------------------------------------- optimizer
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
+    """An optimizer's state_dict -> (tensors for safetensors, a JSON-able rest of plain numbers and strings).
+
+    Tensors may sit at any depth of a parameter's state (bitsandbytes' 8-bit and paged optimizers nest their
+    quantization state in a dict): each is stored as ``state.<param index>.<key>.<key>...``."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in state_dict["state"].items():
+
+    def split(prefix: str, entry: dict[str, Any]) -> dict[str, Any]:
+        rest: dict[str, Any] = {}
         for name, value in entry.items():
+            if "." in str(name):
+                raise ValueError(f"optimizer state key {name!r} contains a dot")
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{prefix}.{name}"] = value.detach().cpu().contiguous()
+            elif isinstance(value, dict):
+                inner = split(f"{prefix}.{name}", value)
+                rest[name] = {"__nested__": inner}
             else:
-                scalars.setdefault(str(index), {})[name] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+                rest[name] = _plain(value, f"{prefix}.{name}")
+        return rest
+
+    for index, entry in state_dict["state"].items():
+        rest = split(f"state.{index}", entry)
+        if rest:
+            scalars[str(index)] = rest
+    groups = [{k: _plain(v, f"param_groups.{k}") for k, v in g.items()} for g in state_dict["param_groups"]]
     return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as JSON's plain types (tuples become lists); anything else is a bug worth a clear message."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy scalars
+        return value.item()
+    raise TypeError(f"optimizer state {where} holds a {type(value).__name__}, which a checkpoint cannot store")
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
+
+    def merge(target: dict[str, Any], scalars: dict[str, Any]) -> None:
+        for name, value in scalars.items():
+            if isinstance(value, dict) and "__nested__" in value:
+                merge(target.setdefault(name, {}), value["__nested__"])
+            else:
+                target[name] = value
+
     for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        _, index, path = key.split(".", 2)
+        target = state.setdefault(int(index), {})
+        *parents, name = path.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[name] = value
     for index, entry in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
+        merge(state.setdefault(int(index), {}), entry)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
     return {"state": state, "param_groups": groups}
 

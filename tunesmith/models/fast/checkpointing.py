@@ -4,17 +4,17 @@ transformers' decoder layers (``GradientCheckpointingLayer``) each check their o
 flag, so after ``model.gradient_checkpointing_enable(...)`` a policy is just a choice of layers to leave out.
 Every layer left out saves its forward recompute in backward (with no layer checkpointed a LoRA step does about
 4N instead of 6N FLOPs per token) and costs that layer's activations in memory for the whole step.
-:func:`layers_within_budget` turns a memory budget into a layer count from two measured peaks, and
-:func:`auto_keep_activations` measures those peaks and applies the result.
 
 Compiled layers have a finer tool: the compiler's partitioner can keep part of a layer's activations and
-recompute the rest op by op (``activation_memory_budget``). :func:`fit_compiled_activations` finds the largest
-such budget that fits with no whole layer checkpointed (the train loop and the bench both use it).
+recompute the rest op by op (``activation_memory_budget``). :func:`fit_compiled_activations` combines the two:
+the largest activation budget that fits, and where even a small one does not, just enough layers checkpointed
+whole on top of it (the train loop and the bench both use it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -35,44 +35,7 @@ def set_checkpointed_layers(model: nn.Module, keep_activations: int) -> int:
     return n - keep
 
 
-def layers_within_budget(peak_full: float, peak_probe: float, probe_layers: int, budget: float, n_layers: int) -> int:
-    """How many layers may keep activations under ``budget`` bytes, given the peak with full checkpointing and
-    the peak with ``probe_layers`` layers keeping theirs (both measured on the same step)."""
-    if probe_layers <= 0:
-        return 0
-    per_layer = max(1.0, (peak_probe - peak_full) / probe_layers)
-    return int(max(0, min(n_layers, (budget - peak_full) // per_layer)))
-
-
-def auto_keep_activations(model: nn.Module, run_step, budget_bytes: float, probe_layers: int | None = None) -> int:
-    """Measure, then set, how many layers keep their activations within ``budget_bytes`` of CUDA memory.
-
-    ``run_step()`` runs one forward + backward of a representative (longest) micro-batch; it is called twice:
-    all layers checkpointed, then ``probe_layers`` (default an eighth) not. The caller zeroes the gradients
-    afterwards (the probe steps accumulate them). Memory that appears only later (optimizer states before the
-    first ``optimizer.step()``) must already exist or be taken off the budget. A 3 % margin is kept under the
-    budget. Returns the count set.
-    """
-    import torch
-
-    layers = decoder_layers(model)
-    if not torch.cuda.is_available() or not layers:
-        set_checkpointed_layers(model, 0)
-        return 0
-    probe = probe_layers or max(1, len(layers) // 8)
-    peaks = []
-    for keep in (0, probe):
-        set_checkpointed_layers(model, keep)
-        peaks.append(cuda_peak(run_step))
-    keep = layers_within_budget(peaks[0], peaks[1], probe, budget_bytes * 0.97, len(layers))
-    set_checkpointed_layers(model, keep)
-    return keep
-
-
 # ------------------------------------------------------------------- compiled layers: the compiler recomputes
-
-# fractions tried by choose_activation_budget, from most kept to least
-BUDGET_PROBES = (1.0, 0.25, 0.05)
 
 
 def set_activation_budget(fraction: float | None) -> None:
@@ -83,28 +46,6 @@ def set_activation_budget(fraction: float | None) -> None:
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = 1.0 if fraction is None else float(fraction)
-
-
-def choose_activation_budget(peak_at, budget_bytes: float, probes=BUDGET_PROBES) -> float | None:
-    """The largest activation budget whose step fits ``budget_bytes``, or ``None`` when even the smallest probe
-    does not fit (then whole-layer checkpointing has to help).
-
-    ``peak_at(fraction)`` compiles the layers with that fraction, runs one step and returns its peak memory. The
-    probes are measured from the most kept down until one fits; the answer is interpolated between the last
-    probe that did not fit and the first that did. Peak memory falls faster near 1 than near 0 (the partitioner
-    drops its least useful activations first), so the straight line between two probes lies above the curve:
-    the interpolated fraction fits. A 3 % margin is kept under the budget."""
-    limit = budget_bytes * 0.97
-    above: tuple[float, float] | None = None
-    for fraction in probes:
-        peak = peak_at(fraction)
-        if peak <= limit:
-            if above is None:
-                return fraction
-            hi, hi_peak = above
-            return fraction + (hi - fraction) * (limit - peak) / max(hi_peak - peak, 1.0)
-        above = (fraction, peak)
-    return None
 
 
 def cuda_peak(run_step) -> float:
@@ -118,38 +59,105 @@ def cuda_peak(run_step) -> float:
     return float(torch.cuda.max_memory_allocated())
 
 
-def fit_compiled_activations(model: nn.Module, run_step, budget_bytes: float, *, peak_of=cuda_peak,
-                             probes=BUDGET_PROBES) -> tuple[float | None, list[tuple[float, float]]]:
-    """Fit the activations of compiled decoder layers into ``budget_bytes``; returns the activation budget set
-    (``None``: even the smallest probe did not fit, so every layer is checkpointed whole instead) and the
-    measured ``(fraction, peak bytes)`` probes.
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """How compiled layers hold their activations: the partitioner's budget ``fraction`` in every layer, and the
+    first ``whole_layers`` of ``layers`` checkpointed whole on top (recomputed in backward). ``peak`` is the
+    measured peak of one step with this plan; ``probes`` every measurement ``(fraction, whole layers, peak)``."""
+
+    fraction: float
+    whole_layers: int
+    layers: int
+    peak: float
+    budget: float
+    probes: tuple[tuple[float, int, float], ...]
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def describe(self) -> str:
+        measured = ", ".join(f"{'whole' if w == self.layers else f'{100 * f:.0f}%' + (f'+{w} whole' if w else '')}"
+                             f" {p / GiB:.1f}" for f, w, p in self.probes)
+        head = (f"activation plan: compiled layers keep {100 * self.fraction:.0f}% of their activations, "
+                f"{self.whole_layers}/{self.layers} layers checkpointed whole; peak {self.peak / GiB:.1f} GiB "
+                f"of a {self.budget / GiB:.1f} GiB budget")
+        if not self.fits:
+            head += " (nothing tried fits: this is the least memory measured; lower data.max_length or batch_size)"
+        return f"{head} (probes, GiB: {measured})"
+
+
+def fit_compiled_activations(model: nn.Module, run_step, budget_bytes: float, *, peak_of=cuda_peak) -> ActivationPlan:
+    """Fit the activations of compiled decoder layers into ``budget_bytes`` (the peak one step may reach; the
+    caller keeps its safety margin out of it).
 
     ``run_step()`` runs one forward + backward of the longest micro-batch and leaves no gradients behind that
-    the next call would add to; each probe compiles the layers again (first call) and measures the second
-    (``peak_of(run_step)``). A probe that runs out of memory does not fit. Leaves the compiled graphs of the
-    last probe in place when that is the answer, else resets them (the next step compiles with the answer)."""
+    the next call would add to. Each measurement runs it twice (the first call compiles when the graphs are new)
+    and reads the peak of the second (``peak_of(run_step)``); a step that runs out of memory does not fit.
+
+    1. Budget 1.0 (the compiler's own choice), no layer whole: the fastest plan. Done if it fits.
+    2. Every layer whole, same graphs (no compilation): the least memory there is. If even that does not fit,
+       it is the answer (the run may still fit: the budget has a margin, the card may have more).
+    3. The budget ``f`` on the straight line between the two peaks at the limit (peak memory falls faster near
+       1 than near 0, so the line lies above the curve and ``f`` fits with room), compiled once more.
+    4. If ``f`` alone does not fit, just enough layers checkpointed whole on top of it (the per-layer cost is
+       read off the measurements), growing until the measured peak fits.
+
+    Whatever is chosen, no plan that was measured and refused used less memory than it (when nothing fits, the
+    least memory measured wins). At most two compilations; the graphs of the chosen plan are left in place.
+    """
     import torch
 
     n = len(decoder_layers(model))
-    measured: list[tuple[float, float]] = []
+    limit = budget_bytes
+    probes: list[tuple[float, int, float]] = []
+    compiled_at: list[float] = []
 
-    def peak_at(fraction: float) -> float:
+    def compile_at(fraction: float) -> None:
         set_activation_budget(fraction)
         torch._dynamo.reset()
-        set_checkpointed_layers(model, n)
+        compiled_at.append(fraction)
+
+    def measure(whole: int) -> float:
+        set_checkpointed_layers(model, n - whole)
         try:
             run_step()
             peak = peak_of(run_step)
         except torch.OutOfMemoryError:
             peak = math.inf
             torch.cuda.empty_cache()
-        measured.append((fraction, peak))
+        probes.append((compiled_at[-1], whole, peak))
         return peak
 
-    fraction = choose_activation_budget(peak_at, budget_bytes, probes)
-    set_activation_budget(fraction)
-    if fraction is None:
-        set_checkpointed_layers(model, 0)
-    if fraction != measured[-1][0]:
-        torch._dynamo.reset()
-    return fraction, measured
+    def plan(fraction: float, whole: int, peak: float) -> ActivationPlan:
+        if compiled_at[-1] != fraction:
+            compile_at(fraction)
+        set_checkpointed_layers(model, n - whole)
+        return ActivationPlan(fraction, whole, n, peak, budget_bytes, tuple(probes))
+
+    compile_at(1.0)
+    full = measure(0)
+    if full <= limit or n == 0:
+        return plan(1.0, 0, full)
+    floor = measure(n)
+    if floor > limit:
+        return plan(1.0, n, floor)
+    span = full - floor if math.isfinite(full) else 8 * max(floor, 1.0)  # an unmeasured top: assume a wide span
+    fraction = min(0.9, max(0.01, (limit - floor) / max(span, 1.0)))
+    compile_at(fraction)
+    peak = measure(0)
+    if peak <= limit:
+        return plan(fraction, 0, peak)
+    per_layer = max((min(peak, full if math.isfinite(full) else peak) - floor) / n, 1.0)
+    whole = 0
+    while whole < n:
+        over = (peak - limit) if math.isfinite(peak) else per_layer * (n - whole)
+        whole = min(n, whole + max(1, math.ceil(over / per_layer)))
+        peak = measure(whole)
+        if peak <= limit:
+            return plan(fraction, whole, peak)
+    best = min(probes, key=lambda p: (p[2], -p[0], p[1]))  # least memory; on a tie the larger budget, fewer whole
+    return plan(best[0], best[1], best[2])
