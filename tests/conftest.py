@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-# pytest puts tests/ on sys.path (so `fixtures.tiny_models` imports); the repo root makes
-# `tests.fixtures.tiny_models` importable too, whichever spelling a test uses.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-
-from fixtures.tiny_models import (  # noqa: E402
+from tests.fixtures.tiny_models import (
     make_tiny_internlm,
     make_tiny_internlm2,
     make_tiny_llama,
     make_tiny_qwen2,
 )
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: end-to-end runs on the real SmolLM2 model")
 
 
 def pytest_collection_modifyitems(config, items):

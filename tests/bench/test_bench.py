@@ -228,7 +228,9 @@ def test_profile_reports_how_busy_the_gpu_was(monkeypatch, capsys):
                            Evt("elementwise", DeviceType.CUDA, 50_000)])
 
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
-    monkeypatch.setattr(harness, "sync", lambda device: None)
+    from tunesmith.bench import report
+
+    monkeypatch.setattr(report, "sync", lambda device: None)
     bench = harness.Bench(BenchOptions(model_shape="tiny", device="cpu"))
     bench.device = torch.device("cuda")
     busy = bench.profile("tunesmith", lambda *a: None, None, step_ms=400.0)

@@ -4,35 +4,21 @@ Packed and unpacked loaders give the same loss over the whole epoch (fp32, 1e-5)
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from datahelp import make_cfg
+
 from tunesmith.data.dataset import build_train_dataset
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.pack import make_dataloader
 
 
 @pytest.fixture(scope="module")
-def llama_dir(request, tmp_path_factory):
-    try:
-        found = request.getfixturevalue("tiny_llama")  # the shared fixture, when tests/conftest.py has it
-        if isinstance(found, (str, Path)) and Path(found).is_dir():
-            return Path(found)
-    except pytest.FixtureLookupError:
-        pass
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    try:
-        from fixtures.tiny_models import make_tiny_llama
-    except ImportError:
-        pytest.skip("tests/fixtures/tiny_models.py is not available")
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+def llama_dir(tiny_llama):
+    return Path(tiny_llama)
 
 
 def conversations(tmp_path):

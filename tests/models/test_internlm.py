@@ -146,7 +146,7 @@ def test_internlm2_matches_reference_forward(tiny_internlm2, seq):
 
 
 def test_internlm2_with_bias_matches_reference(tmp_path):
-    from fixtures.tiny_models import make_tiny_internlm2
+    from tests.fixtures.tiny_models import make_tiny_internlm2
 
     folder = make_tiny_internlm2(tmp_path / "m", bias=True)
     cfg = read_config(folder)

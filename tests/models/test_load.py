@@ -86,7 +86,7 @@ def _digest(folder, names):
 
 
 def test_fixtures_are_deterministic(tmp_path):
-    from fixtures.tiny_models import make_tiny_internlm, make_tiny_qwen2
+    from tests.fixtures.tiny_models import make_tiny_internlm, make_tiny_qwen2
 
     names = ["model.safetensors", "tokenizer.model", "config.json"]
     assert _digest(make_tiny_internlm(tmp_path / "a"), names) == _digest(make_tiny_internlm(tmp_path / "b"), names)

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
 from tunesmith.config import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # for tests.fixtures
-    sys.path.insert(0, str(ROOT))
 
 WORDS = ("the model learns to answer questions about data and code with care while users ask for help on "
          "training tokens loss gradient adapter merge chat hello world please tell me five scenic spots").split()

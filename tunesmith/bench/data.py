@@ -1,20 +1,21 @@
 """Training batches for the benchmark, shaped like the data stage's (docs/internals.md).
 
 * ``plain_batch``: what the baseline user loop feeds, one ``1 x L`` row of random tokens, loss on every token.
-* ``packed_batches``: oasst1-shaped samples (turn lengths from :mod:`tunesmith.bench.oasst1_lengths`, filled
+* ``packed_batches``: oasst1-shaped samples (turn lengths from ``oasst1_lengths.json`` beside this file, filled
   with random ids) packed into rows of ``L``: ``position_ids`` restart at 0 per sample, ``labels`` are -100 on
   prompts and on a sample's first token, loss on answers plus a closing end-of-turn token. A sample that does
   not fit the rest of a row continues in the next row (nothing dropped), as a new segment there.
-  When the data stage's packer lands, the bench can take its batches instead; the contract is the same.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import random
+from pathlib import Path
 
 import torch
 
-from tunesmith.bench.oasst1_lengths import OASST1_TURNS
 from tunesmith.data.pack import cu_seqlens_from_position_ids
 
 TEMPLATE_TOKENS = 8  # "<|User|>:" ... "<eoh>\n<|Bot|>:" around each prompt (internlm_chat), about
@@ -29,6 +30,13 @@ def _sample_tokens(turns: list[tuple[int, int]]) -> list[tuple[int, bool]]:
     return runs
 
 
+@functools.cache
+def oasst1_turns() -> list[list[tuple[int, int]]]:
+    """Per conversation, ``(prompt tokens, answer tokens)`` of each turn (see the file's "about")."""
+    data = json.loads((Path(__file__).with_name("oasst1_lengths.json")).read_text(encoding="utf-8"))
+    return [[(int(p), int(a)) for p, a in conv] for conv in data["turns"]]
+
+
 def plain_batch(seq_len: int, vocab: int, device, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, seq_len), generator=g)
@@ -38,7 +46,7 @@ def plain_batch(seq_len: int, vocab: int, device, seed: int = 0) -> dict:
 def packed_batches(seq_len: int, vocab: int, n_rows: int, device, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    order = list(range(len(OASST1_TURNS)))
+    order = list(range(len(oasst1_turns())))
     rows: list[dict] = []
     ids: list[int] = []
     labels: list[int] = []
@@ -65,7 +73,7 @@ def packed_batches(seq_len: int, vocab: int, n_rows: int, device, seed: int = 0)
     while len(rows) < n_rows:
         rng.shuffle(order)
         for k in order:
-            runs = _sample_tokens(OASST1_TURNS[k])
+            runs = _sample_tokens(oasst1_turns()[k])
             seg = 0
             for length, has_loss in runs:
                 for _ in range(length):

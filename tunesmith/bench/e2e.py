@@ -229,7 +229,8 @@ class EndToEnd:
         return cmd + ["--set", *sets]
 
     def run_train(self, row: Row, res: RowResult, timeout: float) -> None:
-        name = "train-" + "-".join(w.replace("=", "_").replace("@", "at").replace("/", "_") for w in row.text.split()[1:])
+        words = row.text.split()[1:]
+        name = "train-" + "-".join(w.replace("=", "_").replace("@", "at").replace("/", "_") for w in words)
         work_dir = self.work / name
         shutil.rmtree(work_dir, ignore_errors=True)
         log = self.work / f"{name}.log"

@@ -25,7 +25,6 @@ baseline and of ``tunesmith``: top kernels, top host ops, and how busy the GPU w
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import statistics
@@ -41,7 +40,6 @@ from tunesmith.bench.baseline import baseline_optimizer, baseline_step, build_ba
 from tunesmith.bench.data import packed_batches, plain_batch
 from tunesmith.bench.flops import effective_context, flops_per_token, mfu
 from tunesmith.bench.hardware import (
-    GiB,
     card_gib,
     describe_device,
     free,
@@ -51,58 +49,12 @@ from tunesmith.bench.hardware import (
     reset_peak,
     sync,
 )
+from tunesmith.bench.longest import run_longest, search_longest
+from tunesmith.bench.report import format_table, profile_step
 from tunesmith.bench.shapes import SHAPES
+from tunesmith.bench.spec import BenchOptions, Result, Spec, log
 
 PROFILED = ("baseline", "tunesmith")
-
-
-@dataclass
-class BenchOptions:
-    model_shape: str = "tiny"
-    method: str = "lora"
-    seq_len: int = 2048
-    steps: int = 8
-    warmup: int = 3
-    variants: list[str] | None = None  # None: the default set for the method
-    profile: bool = False
-    longest: bool = False
-    longest_card_gib: float = 80.0
-    longest_max: int = 65536
-    time_budget_s: float = 480.0
-    device: str = "auto"
-    json_out: str | None = None
-    qlora_budget_gib: float = 8.0
-    overrides: list[str] = field(default_factory=list)  # --set for every tunesmith variant
-
-
-@dataclass
-class Result:
-    variant: str
-    tokens_per_s: float = 0.0
-    peak_gib: float = 0.0
-    step_ms: float = 0.0
-    mfu: float = 0.0
-    ratio: float = 0.0
-    loss: float = float("nan")
-    note: str = ""
-    error: str = ""
-    spread: float = 0.0  # (slowest - fastest) / median of the timed steps
-    gpu_busy: float = 0.0  # device time / step time of the profiled step (0: not profiled)
-
-
-@dataclass
-class Spec:
-    """One variant: which loop, the config overrides of a tunesmith one, and its rows."""
-
-    name: str
-    kind: str = "tunesmith"  # baseline | tunesmith
-    overrides: tuple[str, ...] = ()
-    data: str = "packed"  # packed | plain
-    fit: bool = True  # tunesmith: plan activations into the baseline's peak (or the QLoRA budget)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def time_steps(run: Callable[[dict], float], batches: list[dict], warmup: int, steps: int,
@@ -333,34 +285,8 @@ class Bench:
         self.results.append(res)
 
     def profile(self, name: str, run, batch, step_ms: float) -> float:
-        """One profiled step: top kernels by device time, top host-side ops, and the fraction of the (median,
-        un-profiled) step the device was busy. Returns that fraction (0 on CPU)."""
-        from torch.profiler import ProfilerActivity, profile
-
-        on_cuda = self.device.type == "cuda"
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-        with profile(activities=acts) as prof:
-            run(batch)
-            sync(self.device)
-        events = prof.key_averages()
-        device_key = "self_device_time_total"
-        if on_cuda and len(events) and not hasattr(events[0], device_key):
-            device_key = "self_cuda_time_total"  # older torch
-        busy = 0.0
-        head = f"--- profile: {name} (one step) ---"
-        parts = []
-        if on_cuda:
-            from torch.autograd import DeviceType
-
-            # kernel time, as the profiler's own "Self CUDA time total" counts it (device events only)
-            device_us = sum(getattr(e, device_key, 0) or 0 for e in events
-                            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-            busy = device_us / 1000 / step_ms if step_ms > 0 else 0.0
-            head += (f"\nkernels {device_us / 1000:.0f} ms in a {step_ms:.0f} ms step: GPU busy {100 * busy:.0f}%"
-                     + (" (host-bound: launch / Python overhead)" if busy < 0.8 else ""))
-            parts += ["top kernels by device time:", _table(events, device_key, 12)]
-        parts += ["top ops by host time:", _table(events, "self_cpu_time_total", 10)]
-        text = "\n".join([head, *parts])
+        """One profiled step (``report.profile_step``); the text goes to the log and the JSON."""
+        text, busy = profile_step(self.device, name, run, batch, step_ms)
         self.profiles.append(text)
         print(text, flush=True)
         return busy
@@ -433,106 +359,10 @@ class Bench:
 
     # -- longest trainable sequence
     def run_longest(self) -> None:
-        """Longest single-sample sequence one training step fits in ``longest_card_gib`` (a smaller card emulated
-        with the allocator's per-process memory fraction), for the baseline and for tunesmith."""
-        if self.device.type == "cuda":
-            frac = min(1.0, self.o.longest_card_gib / card_gib(self.device))
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            torch.cuda.set_per_process_memory_fraction(frac, index)
-            log(f"[bench] longest: emulating a {self.o.longest_card_gib:.0f} GiB card (fraction {frac:.3f})")
-        # eager layers here: compiled ones would be compiled again for each new length the search tries
-        specs = [Spec("baseline", kind="baseline"),
-                 Spec("tunesmith", data="plain", overrides=("speed.compile=off",), fit=False)]
-        share = self.budget_left() / len(specs)
-        for i, spec in enumerate(specs):
-            deadline = time.perf_counter() + (self.budget_left() / (len(specs) - i) if i else share)
-            res = Result(spec.name)
-            built = None
-            try:
-                built = self.build(spec)
-                best, first_fail = self._search(built.run, deadline)
-                if best == 0 and not first_fail:
-                    res.note = "not measured: the time budget ran out before the first length"
-                elif best == 0:
-                    res.note = f"not even {first_fail:,} tokens fit"
-                else:
-                    res.note = f"longest {best:,} tokens" + (
-                        f" (fails at {first_fail:,})" if first_fail else f" (search stopped at {self.o.longest_max:,})")
-                res.peak_gib = float(best)
-                log(f"[bench] longest {spec.name}: {res.note}")
-            except Exception as exc:  # noqa: BLE001
-                res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                log(f"[bench] longest {spec.name}: FAILED {res.error}")
-            finally:
-                del built
-                free(self.device)
-            self.results.append(res)
+        run_longest(self)
 
     def _search(self, run, deadline: float) -> tuple[int, int | None]:
-        def fits(length: int) -> bool:
-            batch = plain_batch(length, self.shape.vocab, self.device)
-            batch["num_loss_tokens"] = length - 1
-            try:
-                run(batch)
-                sync(self.device)
-                log(f"[bench]   {length:,}: ok")
-                return True
-            except torch.OutOfMemoryError:
-                log(f"[bench]   {length:,}: out of memory")
-                return False
-            finally:
-                del batch
-                free(self.device)
-
-        lo, hi = 0, None
-        length = min(max(1024, self.o.seq_len), self.o.longest_max)
-        while length <= self.o.longest_max and time.perf_counter() < deadline:
-            if fits(length):
-                lo = length
-                length *= 2
-            else:
-                hi = length
-                break
-        if hi is None:
-            return lo, None
-        while hi - lo > max(1024, lo // 16) and time.perf_counter() < deadline:
-            mid = (lo + hi) // 2 // 1024 * 1024
-            if mid <= lo:
-                break
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo, hi
-
-
-def _table(events, sort_by: str, rows: int) -> str:
-    try:
-        return events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
-    except Exception:  # noqa: BLE001 - column names differ across torch versions
-        return events.table(sort_by="self_cpu_time_total", row_limit=rows)
-
-
-def format_table(results: list[Result], o: BenchOptions, device: torch.device, peak_flops: float) -> str:
-    head = (f"\n== tunesmith bench: {o.model_shape} {o.method} seq {o.seq_len} on {describe_device(device)}; "
-            f"matmul {peak_flops / 1e12:.2f} TFLOP/s; median of {o.steps} steps after {o.warmup} warm-up ==")
-    if o.longest:
-        lines = [head, f"{'variant':<32} {'longest sequence':>40}"]
-        lines += [f"{r.variant:<32} {r.error or r.note:>40}" for r in results]
-        return "\n".join(lines)
-    cols = (f"{'variant':<26} {'tokens/s':>9} {'peak GiB':>9} {'x base':>7} {'MFU':>6} {'step ms':>8} {'spread':>7} "
-            f"{'loss':>7}  note")
-    lines = [head, cols, "-" * len(cols)]
-    for r in results:
-        if r.error or r.tokens_per_s <= 0:
-            lines.append(f"{r.variant:<26} {'-':>9} {'-':>9} {'-':>7} {'-':>6} {'-':>8} {'-':>7} {'-':>7}  "
-                         f"{r.error or r.note}")
-            continue
-        peak = f"{r.peak_gib:.2f}" if not math.isnan(r.peak_gib) else "n/a"
-        ratio = f"{r.ratio:.2f}" if r.ratio else "-"
-        lines.append(f"{r.variant:<26} {r.tokens_per_s:>9,.0f} {peak:>9} {ratio:>7} {r.mfu * 100:>5.1f}% "
-                     f"{r.step_ms:>8.0f} {100 * r.spread:>6.0f}% {r.loss:>7.3f}  {r.note}")
-    return "\n".join(lines)
+        return search_longest(self, run, deadline)
 
 
 def run_bench(options: BenchOptions) -> list[Result]:

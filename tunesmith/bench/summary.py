@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
-from tunesmith.bench.harness import BenchOptions, Result
+from tunesmith.bench.spec import BenchOptions, Result
 
 GOALS = {
-    "lora": "goal: tunesmith >= 2.0x baseline tokens/s at <= baseline peak",
-    "qlora": "goal: tunesmith peak <= 8 GiB and >= 1.5x baseline tokens/s",
+    "lora": "goal: tunesmith >= 2.5x baseline tokens/s at <= baseline peak",
+    "qlora": "goal: tunesmith peak <= 7.5 GiB and >= 2.5x baseline tokens/s",
+    "full": "goal: tunesmith >= 2x baseline tokens/s at <= baseline peak",
 }
 
 
