@@ -39,7 +39,7 @@ for stage in $STAGES; do
     tests)
       echo "== gpu tests $(date -u +%H:%M:%S)"
       timeout -k 5 ${TESTS_SECONDS:-150} $PY -m pytest -q -p no:cacheprovider -x \
-        ${TESTS_PATH:-tests/models/test_fast_paths.py tests/train/test_memory.py tests/train/test_units.py} \
+        ${TESTS_PATH:-tests/models/fast tests/train/test_memory.py tests/train/test_units.py} \
         -m gpu ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
       timeout -k 5 ${RESUME_SECONDS:-120} $PY -m pytest -q -p no:cacheprovider tests/train/test_resume.py \
         -k every_optimizer 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -8 ;;

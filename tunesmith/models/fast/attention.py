@@ -32,7 +32,7 @@ Backends, chosen per call (:func:`packed_backend`):
   pads batches that are not packed).
 
 ``TUNESMITH_PACKED_ATTENTION=loop`` forces the loop (debugging, comparisons). ``speed.packed_attention``
-switches the whole path; exactness against the plain path is in tests/models/test_fast_paths.py.
+switches the whole path; exactness against the plain path is in tests/models/fast/test_attention.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ How the memory goes away:
 3. on CUDA with liger-kernel installed, liger's fused linear cross-entropy Triton kernel does the same
    thing (used when ``use_liger`` is true).
 
-Exactness against ``nn.CrossEntropyLoss(reduction="sum")`` on full logits: tests/models/test_fast_paths.py.
+Exactness against ``nn.CrossEntropyLoss(reduction="sum")`` on full logits: tests/models/fast/test_loss.py.
 """
 
 from __future__ import annotations

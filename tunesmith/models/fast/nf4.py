@@ -13,7 +13,7 @@ weight's ``quant_state``, products in fp32, one rounding to the weight's dtype a
 
 Used only for compiled layers: eagerly, autograd would keep every dequantised weight for backward.
 Exactness against ``bitsandbytes.functional.dequantize_4bit`` and ``Linear4bit.forward``:
-tests/models/test_fast_paths.py.
+tests/models/fast/test_compile.py.
 """
 
 from __future__ import annotations
