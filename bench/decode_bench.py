@@ -67,7 +67,9 @@ def build(args):
     else:
         from tunesmith.infer.api import load_for_chat
 
-        model, tokenizer = load_for_chat(args.model, torch_dtype=args.dtype if args.dtype != "bf16" or device == "cuda" else "fp32")
+        model, tokenizer = load_for_chat(
+            args.model, torch_dtype=args.dtype if args.dtype != "bf16" or device == "cuda" else "fp32"
+        )
         prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     model.eval()
     model.generation_config.eos_token_id = None  # run the full length on both sides
@@ -105,19 +107,31 @@ def run_baseline(model, tokenizer, prompt_ids, n, device, cache=None):
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, streamer=streamer,
-                         stopping_criteria=StoppingCriteriaList([XtunerStop(tokenizer, STOP_WORDS)]),
-                         eos_token_id=None, pad_token_id=0,
-                         **({"cache_implementation": cache, "disable_compile": True} if cache else {}))
+    out = model.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([XtunerStop(tokenizer, STOP_WORDS)]),
+        eos_token_id=None,
+        pad_token_id=0,
+        **({"cache_implementation": cache, "disable_compile": True} if cache else {}),
+    )
     if device == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    new = out[0, len(prompt_ids):].tolist()
+    new = out[0, len(prompt_ids) :].tolist()
     ttft = first.get("t", t0) - t0
     name = "transformers generate + TextStreamer + XTuner stop" + (f" ({cache} cache)" if cache else "")
-    return {"impl": name, "new_tokens": len(new),
-            "ttft_s": round(ttft, 4), "total_s": round(total, 3),
-            "decode_tok_s": round((len(new) - 1) / max(total - ttft, 1e-9), 2), "ids": new}
+    return {
+        "impl": name,
+        "new_tokens": len(new),
+        "ttft_s": round(ttft, 4),
+        "total_s": round(total, 3),
+        "decode_tok_s": round((len(new) - 1) / max(total - ttft, 1e-9), 2),
+        "ids": new,
+    }
 
 
 def run_ours(model, tokenizer, prompt_ids, n, device, mode):
@@ -137,10 +151,16 @@ def run_ours(model, tokenizer, prompt_ids, n, device, mode):
     t0 = time.perf_counter()
     result = gen.generate(prompt_ids, sampling, stop_words=STOP_WORDS, on_text=sink.write)
     total = time.perf_counter() - t0
-    return {"impl": f"tunesmith Generator ({gen.mode})", "new_tokens": len(result.ids),
-            "ttft_s": round(result.time_to_first_token, 4), "total_s": round(total, 3),
-            "decode_tok_s": round(result.tokens_per_second, 2), "warmup_s": round(warm_s, 1),
-            "warm_tokens": len(warm.ids), "ids": result.ids}
+    return {
+        "impl": f"tunesmith Generator ({gen.mode})",
+        "new_tokens": len(result.ids),
+        "ttft_s": round(result.time_to_first_token, 4),
+        "total_s": round(total, 3),
+        "decode_tok_s": round(result.tokens_per_second, 2),
+        "warmup_s": round(warm_s, 1),
+        "warm_tokens": len(warm.ids),
+        "ids": result.ids,
+    }
 
 
 def main() -> None:
@@ -151,8 +171,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="bf16 (CUDA default) / fp16 / fp32 (CPU default)")
     ap.add_argument("--modes", default=None, help="comma list of our modes (default: compiled on CUDA, plain on CPU)")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--baseline-cache", default=None,
-                    help="cache_implementation for the baseline generate (e.g. static: the same cache layout as ours)")
+    ap.add_argument(
+        "--baseline-cache",
+        default=None,
+        help="cache_implementation for the baseline generate (e.g. static: the same cache layout as ours)",
+    )
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -160,8 +183,11 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     n = args.new_tokens or (2000 if cuda else 128)
     model, tokenizer, prompt_ids, device = build(args)
-    print(f"device {device}, dtype {args.dtype}, prompt {len(prompt_ids)} tokens, {n} new tokens, "
-          f"torch {torch.__version__}", file=sys.stderr)
+    print(
+        f"device {device}, dtype {args.dtype}, prompt {len(prompt_ids)} tokens, {n} new tokens, "
+        f"torch {torch.__version__}",
+        file=sys.stderr,
+    )
     runs = []
     modes = (args.modes or ("compiled" if cuda else "plain")).split(",")
     for mode in modes:
@@ -177,10 +203,13 @@ def main() -> None:
             run["first_difference_at"] = diverge
             run["speedup_decode"] = round(run["decode_tok_s"] / max(base["decode_tok_s"], 1e-9), 2)
             run["speedup_total"] = round(base["total_s"] / max(run["total_s"], 1e-9), 2)
-            print(f"{run['impl']}: {run['decode_tok_s']} tok/s vs {base['decode_tok_s']} "
-                  f"(x{run['speedup_decode']} decode, x{run['speedup_total']} end to end); "
-                  f"TTFT {run['ttft_s']}s vs {base['ttft_s']}s; identical greedy output: {same}"
-                  + ("" if same else f" (first difference at token {diverge})"), flush=True)
+            print(
+                f"{run['impl']}: {run['decode_tok_s']} tok/s vs {base['decode_tok_s']} "
+                f"(x{run['speedup_decode']} decode, x{run['speedup_total']} end to end); "
+                f"TTFT {run['ttft_s']}s vs {base['ttft_s']}s; identical greedy output: {same}"
+                + ("" if same else f" (first difference at token {diverge})"),
+                flush=True,
+            )
         runs.append(base)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([{k: v for k, v in r.items() if k != "ids"} for r in runs], indent=1))

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from tunesmith.config import TrainConfig, build_recipe, dump_config, load_config, recipe_names
-from tunesmith.config.load import apply_overrides, validate
+from tunesmith.config.load import validate
+from tunesmith.config.overrides import apply_overrides
 from tunesmith.errors import TunesmithError
 
 

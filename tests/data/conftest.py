@@ -21,7 +21,7 @@ def _package_dir(name: str) -> Path:
 def _shared_fixture(request, name: str):
     try:
         return request.getfixturevalue(name)
-    except Exception:  # absent (FixtureLookupError), or of a narrower scope
+    except Exception:  # noqa: BLE001 - absent (FixtureLookupError), or of a narrower scope
         return None
 
 

@@ -10,8 +10,11 @@ import pytest
 FILES = Path(__file__).resolve().parent / "files"
 # the team's shared data folder sits beside the checkout (../shared); a CI checkout elsewhere can point
 # TUNESMITH_SHARED_DATA at it, and the usual workplace location is tried last
-_CANDIDATES = [os.environ.get("TUNESMITH_SHARED_DATA", ""), str(Path(__file__).resolve().parents[3] / "shared" / "data"),
-               "/work/shared/data"]
+_CANDIDATES = [
+    os.environ.get("TUNESMITH_SHARED_DATA", ""),
+    str(Path(__file__).resolve().parents[3] / "shared" / "data"),
+    "/work/shared/data",
+]
 SHARED = next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), Path(_CANDIDATES[1]))
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from datahelp import FILES, make_cfg
+from tests.data.datahelp import FILES, make_cfg
 from tunesmith.cli.main import main
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datahelp import FILES, shared_file
+from tests.data.datahelp import FILES, shared_file
 from tunesmith.data.convert import convert_table, split_records
 from tunesmith.data.readers import read_records
 from tunesmith.data.templates import MEDICAL_PROFESSOR

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tunesmith.data.dataset as dataset_mod
-from datahelp import make_cfg, shared_file
+from tests.data.datahelp import make_cfg, shared_file
 from tunesmith.data.dataset import build_train_dataset, cache_root
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.pack import make_dataloader

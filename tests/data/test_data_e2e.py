@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from datahelp import make_cfg
 
+from tests.data.datahelp import make_cfg
 from tunesmith.data.dataset import build_train_dataset
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.pack import make_dataloader

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from datahelp import messages
 
+from tests.data.datahelp import messages
 from tunesmith.data.conversation import Turn
 from tunesmith.data.encode import (
     IGNORE_INDEX,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datahelp import FILES, shared_file
+from tests.data.datahelp import FILES, shared_file
 from tunesmith.data.conversation import Turn
 from tunesmith.data.readers import (
     check_records,
@@ -115,7 +115,8 @@ def test_msagent_both_forms_real_rows():
     think, react = records[0].turns, records[1].turns
     assert think[0].system.startswith("你是一个可以调用外部工具的助手")
     assert think[0].output.startswith("Action:modelscope_text-ie\nAction Input:{'text':")
-    assert think[1].system.startswith("Response:{'人物': []") and think[1].output.startswith("Final Answer:信息抽取结果")
+    assert think[1].system.startswith("Response:{'人物': []")
+    assert think[1].output.startswith("Final Answer:信息抽取结果")
     assert len(react) == 6 and react[0].system.startswith("Answer the following questions")
     assert react[0].output == "Action: hm_product_recommend\nAction Input: {'keywords_dict': {'商品类目': '手机'}}\n"
     assert react[1].system.startswith("Observation: [{'sku_code'") and react[1].input == ""
@@ -175,8 +176,9 @@ def test_missing_column_lists_the_columns_found(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(TunesmithError) as exc:
         read_records(path, "alpaca")
-    assert exc.value.message == (f"{path}:1: missing column 'instruction', 'output' (columns found: 'question', "
-                                 "'answer')")
+    assert exc.value.message == (
+        f"{path}:1: missing column 'instruction', 'output' (columns found: 'question', 'answer')"
+    )
     assert "list-dataset-format" in exc.value.hint
 
 
@@ -189,8 +191,10 @@ def test_empty_file(tmp_path, content):
 
 
 def test_whitespace_only_field(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"conversation": [{"input": "a", "output": "b"}]},
-                                              {"conversation": [{"input": "a", "output": " \t"}]}])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"conversation": [{"input": "a", "output": "b"}]}, {"conversation": [{"input": "a", "output": " \t"}]}],
+    )
     with pytest.raises(TunesmithError) as exc:
         read_records(path, "conversation")
     assert exc.value.message == f"{path}:2: turn 1: empty or whitespace-only 'output'"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jinja2
 import pytest
-from datahelp import messages
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tests.data.datahelp import messages
 from tunesmith.data.conversation import Turn
 from tunesmith.data.templates import (
     MEDICAL_PROFESSOR,

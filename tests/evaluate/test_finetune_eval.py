@@ -18,11 +18,11 @@ def test_finetune_then_eval_beats_base_on_held_out_split(smollm2_path, tmp_path)
     train_mod = pytest.importorskip("tunesmith.train", reason="the training loop (tunesmith.train) has not landed")
     if not hasattr(train_mod, "train"):
         pytest.skip("tunesmith.train.train is not available yet")
-    from tunesmith.config import TrainConfig
-    from tunesmith.data.convert import split_records
     from typer.testing import CliRunner
 
     from tunesmith.cli.main import build_app
+    from tunesmith.config import TrainConfig
+    from tunesmith.data.convert import split_records
 
     train_file, test_file = tmp_path / "oasst1-train.jsonl", tmp_path / "oasst1-test.jsonl"
     n_train, n_test = split_records(OASST1_EVAL, train_file, test_file, ratio=0.7, seed=0)

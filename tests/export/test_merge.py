@@ -120,9 +120,9 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lora_variants(variant, bases, tmp_path):
-    from helpers import randomize_lora
     from peft import LoraConfig, get_peft_model
 
+    from tests.export.helpers import randomize_lora
     from tunesmith.models import load_model
 
     kind, options = VARIANTS[variant]

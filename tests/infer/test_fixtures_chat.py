@@ -81,5 +81,7 @@ def test_moss_plugin_flow(smol_tokenizer):
     reply = MossPlugins(session, ["calculate"]).ask("what is 12*7?")
     assert 'Calculate("12*7") => 84' in reply and 'Solve("x^2=4") => Solve is disabled' in reply
     second_prompt = smol_tokenizer.decode(gen.prompts[1])
-    assert second_prompt.endswith('<eoc>\n<|Results|>:\nCalculate("12*7") => 84\nSolve("x^2=4") => Solve is disabled\n<eor>\n')
+    assert second_prompt.endswith(
+        '<eoc>\n<|Results|>:\nCalculate("12*7") => 84\nSolve("x^2=4") => Solve is disabled\n<eor>\n'
+    )
     assert session.turns[0].output.endswith("<eom>")

@@ -81,7 +81,10 @@ def test_stop_matcher_holds_back_partial_words():
     assert m2.feed("a<eo") == "a" and m2.flush() == "<eo"
 
 
-@pytest.mark.parametrize("text", ["Hello world, how are you?", "中文测试：你好，世界！🙂 emoji", "  leading and  double  spaces\n\nnew lines"])
+@pytest.mark.parametrize(
+    "text",
+    ["Hello world, how are you?", "中文测试：你好，世界！🙂 emoji", "  leading and  double  spaces\n\nnew lines"],
+)
 def test_stream_decoder_is_exact(smol_tokenizer, text):
     ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
     dec = StreamDecoder(smol_tokenizer)

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from tunesmith.models import convert_internlm_folder, load_model, load_tokenizer, read_config
 
-
 # ----------------------------------------------------------- reference forwards (plain torch, fp32)
 
 

@@ -19,7 +19,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
 
 pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium: apt-get install -y chromium chromium-driver"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs /usr/bin/chromium: apt-get install -y chromium chromium-driver"
+    ),
     pytest.mark.skipif(not CHROMEDRIVER.exists(), reason="needs chromedriver: apt-get install -y chromium-driver"),
 ]
 
@@ -28,9 +30,11 @@ def test_to_messages_keeps_roles_and_system():
     from tunesmith.serve.web import to_messages
 
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]
-    assert to_messages(history, "be brief") == [{"role": "system", "content": "be brief"},
-                                                {"role": "user", "content": "hi"},
-                                                {"role": "assistant", "content": "yo"}]
+    assert to_messages(history, "be brief") == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
     assert to_messages(history, "  ")[0]["role"] == "user"
 
 
@@ -53,10 +57,19 @@ def browser(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
     driver.set_page_load_timeout(60)
@@ -71,7 +84,8 @@ def _bot_text(driver) -> str:
     for _ in range(20):  # streaming re-renders the bubble: an element found a moment ago may be gone; look again
         try:
             found = driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid='bot']") or driver.find_elements(
-                By.CSS_SELECTOR, "#chatbot .bot")
+                By.CSS_SELECTOR, "#chatbot .bot"
+            )
             return found[-1].text.strip() if found else ""
         except StaleElementReferenceException:
             time.sleep(0.02)

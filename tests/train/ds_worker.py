@@ -14,14 +14,24 @@ sys.path.insert(0, str(ROOT))
 from tests.train.conftest import tiny_config  # noqa: E402
 from tunesmith.train import train  # noqa: E402
 
-mode, stage, model_dir, data_file, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
-cfg = tiny_config(model_dir, data_file, out / "cache", training={"max_steps": 4, "save_steps": 2},
-                  distributed={"deepspeed": stage},
-                  evaluation={"inputs": ["hello"], "every_n_steps": 2, "max_new_tokens": 4})
+mode, stage, model_dir, data_file, out = (
+    sys.argv[1],
+    sys.argv[2],
+    Path(sys.argv[3]),
+    Path(sys.argv[4]),
+    Path(sys.argv[5]),
+)
+cfg = tiny_config(
+    model_dir,
+    data_file,
+    out / "cache",
+    training={"max_steps": 4, "save_steps": 2},
+    distributed={"deepspeed": stage},
+    evaluation={"inputs": ["hello"], "every_n_steps": 2, "max_new_tokens": 4},
+)
 if mode == "full":
     result = train(cfg, work_dir=out / "full", progress=False)
 else:
     shutil.copytree(out / "full", out / "resumed", ignore=shutil.ignore_patterns("iter_4.pth", "last_checkpoint"))
-    result = train(cfg, work_dir=out / "resumed", resume=str(out / "resumed" / "iter_2.pth"),
-                   progress=False)
+    result = train(cfg, work_dir=out / "resumed", resume=str(out / "resumed" / "iter_2.pth"), progress=False)
 print("RESULT " + json.dumps({"losses": result.losses}))

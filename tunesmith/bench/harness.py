@@ -106,7 +106,8 @@ class Bench:
 
     def config(self, spec: Spec):
         """The variant's TrainConfig: the method's defaults, ``--set``, the variant's own overrides."""
-        from tunesmith.config.load import apply_overrides, validate
+        from tunesmith.config.load import validate
+        from tunesmith.config.overrides import apply_overrides
 
         overrides = [*self.o.overrides, *spec.overrides]
         fit = self.fit_gib() if spec.fit and self.device.type == "cuda" else None

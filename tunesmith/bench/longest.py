@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -11,13 +11,11 @@ from tunesmith.bench.data import plain_batch
 from tunesmith.bench.hardware import card_gib, free, sync
 from tunesmith.bench.spec import Result, Spec, log
 
-if TYPE_CHECKING:
-    from tunesmith.bench.harness import Bench
 
-
-def run_longest(bench: Bench) -> None:
+def run_longest(bench: Any) -> None:
     """Longest single-sample sequence one training step fits in ``longest_card_gib`` (a smaller card emulated
-    with the allocator's per-process memory fraction), for the baseline and for tunesmith."""
+    with the allocator's per-process memory fraction), for the baseline and for tunesmith. ``bench`` is the
+    step bench (harness.Bench): its options, device, variant builder and results."""
     if bench.device.type == "cuda":
         frac = min(1.0, bench.o.longest_card_gib / card_gib(bench.device))
         index = bench.device.index if bench.device.index is not None else torch.cuda.current_device()
@@ -51,7 +49,7 @@ def run_longest(bench: Bench) -> None:
             free(bench.device)
         bench.results.append(res)
 
-def search_longest(bench: Bench, run, deadline: float) -> tuple[int, int | None]:
+def search_longest(bench: Any, run, deadline: float) -> tuple[int, int | None]:
     def fits(length: int) -> bool:
         batch = plain_batch(length, bench.shape.vocab, bench.device)
         batch["num_loss_tokens"] = length - 1

@@ -37,7 +37,8 @@ def load_plain_model(folder: str, method: str, device: torch.device):
 def packed_rows(folder: str, data: str, method: str, overrides: list[str]) -> list[dict]:
     """The rows `tunesmith train` would train on (same recipe defaults, same overrides), in its order."""
     from tunesmith import models
-    from tunesmith.config.load import apply_overrides, validate
+    from tunesmith.config.load import validate
+    from tunesmith.config.overrides import apply_overrides
     from tunesmith.data import build_train_dataset, make_dataloader
 
     cfg = validate(apply_overrides({"method": method, "model": {"path": folder}, "data": {"path": data}},

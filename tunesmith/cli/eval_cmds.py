@@ -24,19 +24,28 @@ def register(app: typer.Typer) -> None:
     @app.command("eval", help=EVAL_HELP)
     def eval_cmd(
         model: str = typer.Argument(..., help="Model folder, hub id, .gguf file or builtin:smollm2-135m-instruct."),
-        data: str = typer.Option(..., "--data", help="Held-out data file (conversation / openai / oasst1 / alpaca ...)."),
+        data: str = typer.Option(
+            ..., "--data", help="Held-out data file (conversation / openai / oasst1 / alpaca ...)."
+        ),
         adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder for MODEL."),
         prompt_template: Optional[str] = typer.Option(
-            None, "--prompt-template",
+            None,
+            "--prompt-template",
             help="Template used in training (tunesmith list-template) or 'auto'. Default: auto when the tokenizer "
-            "has a chat template."),
+            "has a chat template.",
+        ),
         data_format: str = typer.Option("auto", "--format", help="Reader name (list-dataset-format), or auto."),
         system: Optional[str] = typer.Option(None, "--system", help="System prompt for conversations without one."),
-        compare: Optional[str] = typer.Option(None, "--compare", help="A second model (e.g. the base) to put side by side."),
-        compare_adapter: Optional[str] = typer.Option(None, "--compare-adapter", help="Adapter for the --compare model."),
+        compare: Optional[str] = typer.Option(
+            None, "--compare", help="A second model (e.g. the base) to put side by side."
+        ),
+        compare_adapter: Optional[str] = typer.Option(
+            None, "--compare-adapter", help="Adapter for the --compare model."
+        ),
         max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Use the first N conversations."),
-        max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=0,
-                                           help="Answer length for ROUGE-L / BLEU; 0 = loss and perplexity only."),
+        max_new_tokens: int = typer.Option(
+            128, "--max-new-tokens", min=0, help="Answer length for ROUGE-L / BLEU; 0 = loss and perplexity only."
+        ),
         max_length: int = typer.Option(2048, "--max-length", min=16, help="Longest conversation scored, in tokens."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Answers generated together."),
         out: str = typer.Option("eval_report", "--out", help="Folder for report.md / report.json / report.png."),
@@ -47,10 +56,25 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from tunesmith.evaluate.run import EvalOptions, run_eval
 
-        report = run_eval(EvalOptions(
-            model=model, data=data, adapter=adapter, prompt_template=prompt_template, data_format=data_format,
-            system=system or "", compare=compare, compare_adapter=compare_adapter, max_samples=max_samples,
-            max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size, out=out, bits=bits,
-            torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, progress=not no_progress,
-        ))
+        report = run_eval(
+            EvalOptions(
+                model=model,
+                data=data,
+                adapter=adapter,
+                prompt_template=prompt_template,
+                data_format=data_format,
+                system=system or "",
+                compare=compare,
+                compare_adapter=compare_adapter,
+                max_samples=max_samples,
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+                batch_size=batch_size,
+                out=out,
+                bits=bits,
+                torch_dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                progress=not no_progress,
+            )
+        )
         typer.echo(f"report: {report['files']['md']} (+ report.json, report.png)")

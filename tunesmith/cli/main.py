@@ -60,7 +60,9 @@ def build_app() -> typer.Typer:
 
     @app.callback()
     def _root(
-        version: bool = typer.Option(False, "--version", "-v", callback=_version, is_eager=True, help="Show the version."),
+        version: bool = typer.Option(
+            False, "--version", "-v", callback=_version, is_eager=True, help="Show the version."
+        ),
     ) -> None:
         pass
 

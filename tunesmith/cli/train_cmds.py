@@ -49,17 +49,24 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         ctx: typer.Context,
         config: str = typer.Argument(..., help="Config YAML path or built-in recipe name (see list-cfg)."),
-        work_dir: Path = typer.Option(None, "--work-dir",
-                                      help="Output folder (default: config's work_dir, else ./work_dirs/<config name>)."),
-        deepspeed: str = typer.Option(None, "--deepspeed",
-                                      help="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file."),
-        resume: str = typer.Option(None, "--resume",
-                                   help="Resume: 'auto' (the work dir's last checkpoint; also plain --resume) "
-                                        "or a checkpoint folder."),
+        work_dir: Path = typer.Option(
+            None, "--work-dir", help="Output folder (default: config's work_dir, else ./work_dirs/<config name>)."
+        ),
+        deepspeed: str = typer.Option(
+            None, "--deepspeed", help="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file."
+        ),
+        resume: str = typer.Option(
+            None,
+            "--resume",
+            help="Resume: 'auto' (the work dir's last checkpoint; also plain --resume) or a checkpoint folder.",
+        ),
         seed: int = typer.Option(None, "--seed", help="Random seed (overrides training.seed)."),
-        overrides: list[str] = typer.Option(None, "--set", "--cfg-options",
-                                            help="Config overrides key=value ... e.g. --set training.lr=1e-4 "
-                                                 "data.max_length=1024"),
+        overrides: list[str] = typer.Option(
+            None,
+            "--set",
+            "--cfg-options",
+            help="Config overrides key=value ... e.g. --set training.lr=1e-4 data.max_length=1024",
+        ),
         no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of a progress bar."),
     ) -> None:
         from tunesmith.errors import TunesmithError

@@ -14,44 +14,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunesmith.config.overrides import apply_overrides
+from tunesmith.config.recipes import recipe_names, recipe_settings
 from tunesmith.config.schema import TrainConfig
 from tunesmith.errors import TunesmithError, did_you_mean
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """'training.lr=1e-4' -> (['training', 'lr'], 0.0001). Values are read as YAML scalars / lists."""
-    if "=" not in item:
-        raise TunesmithError(f"override {item!r} has no '='", "write overrides as key=value, e.g. training.lr=1e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise TunesmithError(f"override {item!r} has an empty key", "write overrides as key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def set_dotted(data: dict[str, Any], dotted: str | list[str], value: Any) -> None:
-    """data['a']['b'] = value for 'a.b', creating the intermediate mappings."""
-    path = dotted.split(".") if isinstance(dotted, str) else dotted
-    node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[path[-1]] = value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply `key=value` strings to a plain dict (validation happens afterwards, with the schema)."""
-    for item in overrides or []:
-        path, value = parse_override(item)
-        set_dotted(data, path, value)
-    return data
 
 
 def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
@@ -113,9 +79,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[TrainConfig, str]:
-    """Load a YAML file or a built-in recipe name. Returns (config, stem for the default work dir)."""
-    from tunesmith.config.recipes import build_recipe, recipe_names
-
+    """Load a YAML file or a built-in recipe name, apply the overrides, validate once. Returns (config, stem for
+    the default work dir)."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
@@ -125,12 +90,17 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[
             )
         data, source, stem = read_yaml(path), str(path), path.stem
     elif name_or_path in recipe_names():
-        data, source, stem = build_recipe(name_or_path).model_dump(mode="json"), name_or_path, name_or_path
+        data, source, stem = recipe_settings(name_or_path), name_or_path, name_or_path
     else:
         hint = did_you_mean(name_or_path, recipe_names()) or "run `tunesmith list-cfg` to see the recipes"
         raise TunesmithError(f"unknown config {name_or_path!r} (not a file, not a recipe)", hint)
     data = apply_overrides(data, overrides)
     return validate(data, source), stem
+
+
+def build_recipe(name: str) -> TrainConfig:
+    """The built-in recipe ``name`` as a validated config."""
+    return validate(recipe_settings(name), name)
 
 
 def default_work_dir(cfg: TrainConfig, config_name: str | None = None) -> Path:

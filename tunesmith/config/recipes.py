@@ -1,7 +1,8 @@
 """Built-in recipes, composed from model preset x method x dataset (not hundreds of copied files).
 
 A recipe name reads `<model>_<method>_<dataset>_e<epochs>[_gpu8]`, as XTuner's config names do. The
-composed result is an ordinary `TrainConfig`; `copy-cfg` writes it out in full.
+composed result is a plain mapping that `config.load` validates into a `TrainConfig`; `copy-cfg` writes it out
+in full.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from tunesmith.config.load import set_dotted, validate
-from tunesmith.config.schema import TrainConfig
+from tunesmith.config.overrides import set_dotted
 from tunesmith.errors import TunesmithError, did_you_mean
 
 
@@ -174,7 +174,8 @@ def recipe_names() -> list[str]:
     return sorted(_catalogue())
 
 
-def build_recipe(name: str) -> TrainConfig:
+def recipe_settings(name: str) -> dict[str, Any]:
+    """The settings of recipe ``name`` as a plain nested mapping (``config.load`` validates them)."""
     settings = _catalogue().get(name)
     if settings is None:
         hint = did_you_mean(name, _catalogue()) or "run `tunesmith list-cfg` to see the recipes"
@@ -182,4 +183,4 @@ def build_recipe(name: str) -> TrainConfig:
     data: dict[str, Any] = {}
     for key, value in settings.items():
         set_dotted(data, key, value)
-    return validate(data, name)
+    return data

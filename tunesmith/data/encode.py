@@ -228,7 +228,7 @@ def tokenizer_default_system(tokenizer: Any, template: Template) -> str:
                 mine = template.render([Turn("U", "A", candidate)], bos=info.bos_text, eos=info.eos_text)
                 if mine == tokenizer.apply_chat_template(probe, tokenize=False):
                     found = candidate
-        except Exception:  # a template that rejects the probe: no default to adopt
+        except Exception:  # noqa: BLE001 - a template that rejects the probe: no default to adopt
             found = ""
     memo[template.name] = found
     return found

@@ -248,7 +248,7 @@ def _iter_hub(dataset_id: str, name: str | None, split: str | None) -> Iterator[
         import datasets
 
         ds = datasets.load_dataset(dataset_id, name, split=split or None)
-    except Exception as exc:  # network errors, missing repos: the user fixes them the same way
+    except Exception as exc:  # noqa: BLE001 - network errors, missing repos: the user fixes them the same way
         msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         try:
             ds = _load_modelscope(dataset_id, name, split)

@@ -35,12 +35,20 @@ def render_markdown(report: dict) -> str:
              f"- prompt template: `{report['prompt_template']}`",
              "- loss counts only the answer tokens (and their end-of-turn token); perplexity = exp(mean token loss)",
              ""]
-    header = "| metric | " + " | ".join(f"`{m['name']}`" for m in models) + (" | change |" if len(models) == 2 else " |")
+    header = (
+        "| metric | " + " | ".join(f"`{m['name']}`" for m in models) + (" | change |" if len(models) == 2 else " |")
+    )
     lines += [header, "|---" * (len(models) + 1 + (len(models) == 2)) + "|"]
-    rows = [("loss (nats / token)", "loss", 4, True), ("perplexity", "perplexity", 3, True),
-            ("answer tokens scored", "loss_tokens", 0, None), ("ROUGE-L F1", "rougeL", 4, False),
-            ("BLEU", "bleu", 2, False), ("answers generated", "generated", 0, None),
-            ("mean answer tokens", "mean_new_tokens", 1, None), ("seconds", "seconds", 1, None)]
+    rows = [
+        ("loss (nats / token)", "loss", 4, True),
+        ("perplexity", "perplexity", 3, True),
+        ("answer tokens scored", "loss_tokens", 0, None),
+        ("ROUGE-L F1", "rougeL", 4, False),
+        ("BLEU", "bleu", 2, False),
+        ("answers generated", "generated", 0, None),
+        ("mean answer tokens", "mean_new_tokens", 1, None),
+        ("seconds", "seconds", 1, None),
+    ]
     for label, key, digits, lower_better in rows:
         values = [m.get(key) for m in models]
         if all(v is None for v in values):
@@ -83,7 +91,9 @@ def plot(report: dict, path: Path) -> None:
     for m in models:
         losses = [x for x in m.get("per_sample_loss", []) if x is not None and not math.isnan(x)]
         if losses:
-            ax.hist(losses, bins=min(30, max(5, len(losses) // 3)), alpha=0.55, label=f"{m['name']} (mean {m['loss']:.3f})")
+            ax.hist(
+                losses, bins=min(30, max(5, len(losses) // 3)), alpha=0.55, label=f"{m['name']} (mean {m['loss']:.3f})"
+            )
     ax.set_xlabel("per-conversation answer loss (nats / token)")
     ax.set_ylabel("conversations")
     ax.set_title("held-out loss")
@@ -110,7 +120,8 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
     plot(report, paths["png"])
-    write_text_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False,
-                                                default=lambda o: None) + "\n")
+    write_text_atomic(
+        paths["json"], json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False, default=lambda o: None) + "\n"
+    )
     write_text_atomic(paths["md"], render_markdown(report))
     return paths

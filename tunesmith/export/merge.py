@@ -202,7 +202,7 @@ def merge_adapter(
 
     entries: list[Entry] = [(r.name, out_type(r.dtype), r.shape) for r in refs]
     embed_ref = None
-    for base_name, trained in plan.extras:
+    for base_name, _trained in plan.extras:
         src = next(r for r, ps in zip(refs, plan.parts) if any(n == EMBED for n, _ in ps))
         embed_ref = src
         entries.append((base_name, out_type(src.dtype), src.shape))

@@ -245,7 +245,7 @@ class Generator:
             common += 1
         try:
             self._crop(len(self._cached_ids) - common)
-        except Exception:  # layers that cannot be cropped (sliding windows, ...): start over
+        except Exception:  # noqa: BLE001 - layers that cannot be cropped (sliding windows, ...): start over
             self._cache = self._new_cache(needed)
             common = 0
         self._cached_ids = self._cached_ids[:common]

@@ -13,11 +13,21 @@ Public API (docs/internals.md):
 
 from tunesmith.models.builtin import BUILTIN_MODELS, builtin_names
 from tunesmith.models.cache import cache_root
-from tunesmith.models.internlm import convert_internlm_folder, llama_config_from_internlm
+from tunesmith.models.convert import convert_internlm_folder
+from tunesmith.models.internlm import llama_config_from_internlm
 from tunesmith.models.load import load_model, needs_remote_code
-from tunesmith.models.lora import count_parameters, find_all_linear_names, prepare_for_training
+from tunesmith.models.lora import (
+    count_parameters,
+    find_all_linear_names,
+    prepare_for_training,
+)
 from tunesmith.models.quantize import auto_dtype, pick_dtype
-from tunesmith.models.resolve import BUILTIN_PREFIX, read_config, resolve_model_path, weight_files
+from tunesmith.models.resolve import (
+    BUILTIN_PREFIX,
+    read_config,
+    resolve_model_path,
+    weight_files,
+)
 from tunesmith.models.tokenizer import load_tokenizer
 
 __all__ = [

@@ -3,7 +3,7 @@
 Both are Llama with other names: v1 adds a bias to q/k/v/o (`attention_bias=True`); v2 fuses q/k/v into one
 `wqkv` laid out per key/value head as [q_0 .. q_{g-1}, k, v] (g = query heads per kv head) and renames
 the rest. The rotary embedding is the same rotate-half form as Llama's, so no permutation is needed.
-Conversion happens on the fly while loading; `convert_internlm_folder` writes a converted copy instead.
+Conversion happens on the fly while loading; `models.convert.convert_internlm_folder` writes a converted copy.
 """
 
 from __future__ import annotations
@@ -184,26 +184,3 @@ def _load_generation_config(model, folder: Path) -> None:
             model.generation_config = GenerationConfig.from_pretrained(folder)
         except (OSError, ValueError):  # a stale or odd file: keep the one built from the config
             pass
-
-
-def convert_internlm_folder(src: str | Path, dst: str | Path, *, max_shard_size: str = "5GB") -> Path:
-    """Write a plain Llama copy of an InternLM v1 / v2 folder (weights in their stored dtype + tokenizer)."""
-    from tunesmith.files import atomic_path
-    from tunesmith.models.resolve import read_config, resolve_model_path
-    from tunesmith.models.tokenizer import load_tokenizer
-
-    src = resolve_model_path(src)
-    config = read_config(src)
-    if not is_internlm(config):
-        raise TunesmithError(
-            f"{src} is a {config.get('model_type')!r} model, not InternLM",
-            "convert_internlm_folder only maps model_type internlm / internlm2",
-        )
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.get("torch_dtype"), torch.float32)
-    model = load_internlm(src, config, dtype=dtype)
-    tokenizer = load_tokenizer(src)
-    with atomic_path(dst, is_dir=True) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-    return Path(dst)

@@ -424,7 +424,7 @@ class Engine:
         rows = [_Row(r, self.tokenizer, self.generator.eos_token_ids, device, vocab, self.max_positions) for r in reqs]
         t_start = time.perf_counter()
         live = [i for i, row in enumerate(rows) if row.max_new > 0]
-        for i, row in enumerate(rows):
+        for row in rows:
             if row.max_new <= 0:
                 row.finish = "length"
         if live:

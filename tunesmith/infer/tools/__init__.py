@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 
-def build_tools(names=("search", "calculate", "solve"), *, allow_python: bool = False, search_kwargs=None) -> list[Tool]:
+def build_tools(
+    names=("search", "calculate", "solve"), *, allow_python: bool = False, search_kwargs=None
+) -> list[Tool]:
     """Instantiate tools by name: search, calculate, solve (and python when `allow_python`)."""
     factories = {
         "search": lambda: WebSearch(**(search_kwargs or {})),

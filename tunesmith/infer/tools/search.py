@@ -28,7 +28,9 @@ class WebSearch:
     description = "Web search: looks up current facts on Google and returns the top results."
     example = "population of Shanghai 2023"
 
-    def __init__(self, api_key: str | None = None, *, base_url: str | None = None, timeout: float = 10.0, top_k: int = 5):
+    def __init__(
+        self, api_key: str | None = None, *, base_url: str | None = None, timeout: float = 10.0, top_k: int = 5
+    ):
         self.api_key = api_key or serper_key(required=True)
         self.base_url = (base_url or os.environ.get("SERPER_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.timeout = timeout

@@ -45,7 +45,11 @@ from tunesmith.models.fast.checkpointing import decoder_layers, set_checkpointed
 from tunesmith.models.fast.host_embedding import move_embeddings_to_host
 from tunesmith.models.fast.kernels import apply_liger_kernels, liger_unavailable_reason
 from tunesmith.models.fast.lora import apply_fused_lora, remove_fused_lora
-from tunesmith.models.fast.loss import causal_lm_loss_sum, model_loss_sum, split_decoder_and_head
+from tunesmith.models.fast.loss import (
+    causal_lm_loss_sum,
+    model_loss_sum,
+    split_decoder_and_head,
+)
 from tunesmith.models.fast.nf4 import apply_compiled_nf4
 
 __all__ = [

@@ -341,7 +341,7 @@ def set_attention(model: nn.Module, implementation: str) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         base.set_attn_implementation(implementation)
-    except Exception:  # older / newer transformers without the method or with stricter checks
+    except Exception:  # noqa: BLE001 - older / newer transformers without the method or with stricter checks
         for m in [base, *base.modules()]:
             cfg = getattr(m, "config", None)
             if cfg is not None and hasattr(cfg, "_attn_implementation"):

@@ -29,17 +29,17 @@ MIN_LIGER_VERSION = (0, 5, 0)
 
 
 def liger_version() -> tuple[int, ...] | None:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        text = version("liger-kernel")
-    except Exception:
+    text = None
+    for name in ("liger-kernel", "liger_kernel"):
         try:
-            from importlib.metadata import version
-
-            text = version("liger_kernel")
-        except Exception:
-            return None
+            text = version(name)
+            break
+        except PackageNotFoundError:
+            continue
+    if text is None:
+        return None
     parts = []
     for piece in text.split(".")[:3]:
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -63,7 +63,7 @@ def liger_unavailable_reason() -> str | None:
     try:
         from liger_kernel.ops import LigerSiLUMulFunction  # noqa: F401
         from liger_kernel.transformers import LigerRMSNorm  # noqa: F401
-    except Exception as exc:  # triton missing or broken
+    except Exception as exc:  # noqa: BLE001 - triton missing or broken
         return f"liger-kernel does not import ({type(exc).__name__}: {exc})"
     return None
 

@@ -102,8 +102,10 @@ def liger_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
-    except Exception:  # ImportError, or triton missing/broken
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,  # noqa: F401
+        )
+    except Exception:  # noqa: BLE001 - ImportError, or triton missing/broken
         return False
     return True
 
@@ -170,7 +172,9 @@ def causal_lm_loss_sum(
                 "liger-kernel's fused linear cross-entropy needs CUDA and the liger-kernel package",
                 hint="pip install liger-kernel, or set speed.liger_kernel off",
             )
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,
+        )
 
         loss = liger_fused_linear_cross_entropy(
             hidden, weight, targets, bias, ignore_index=ignore_index, reduction="sum"
