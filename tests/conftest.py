@@ -68,3 +68,13 @@ def smollm2_path() -> Path:
     from tunesmith.models import resolve_model_path
 
     return resolve_model_path("builtin:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path):
+    """One batching engine on the embedded model (fp32), shared by the engine, API and web tests."""
+    from tunesmith.infer.engine import Engine
+
+    engine = Engine.load(str(smollm2_path), prompt_template="auto", torch_dtype="fp32")
+    yield engine
+    engine.close()

@@ -14,9 +14,9 @@ from tunesmith.data.encode import (
     encode_records,
     render_conversation,
     render_prompt_text,
-    stop_words_for,
     tokenizer_info,
 )
+from tunesmith.data.stopwords import cut_at_stop, stop_words_for
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TURNS = [Turn("Hi there", "Hello! How can I help?"), Turn("Tell me a joke.", "Why did the chicken cross the road?")]
@@ -198,3 +198,13 @@ def test_auto_with_a_template_that_rewrites_replies(smol_tok):
     sample = encode_conversation(turns, tok, "auto")
     assert loss_text(tok, sample) == "hello<|im_end|>hello<|im_end|>"
     assert sample.input_ids.tolist() == list(tok.apply_chat_template(messages(turns))["input_ids"])
+
+
+def test_cut_at_stop_is_where_the_streaming_matcher_stops():
+    from tunesmith.infer.stops import StopHit, StopMatcher
+
+    words = ["<eoa>", "<|im_end|>", "###"]
+    for text in ["plain answer", "answer<eoa> tail", "a ### b <eoa>", "x<|im_end|>y###", "<eoa>"]:
+        hit = StopMatcher(words).feed(text)
+        streamed = hit.text if isinstance(hit, StopHit) else text
+        assert cut_at_stop(text, words) == streamed

@@ -8,11 +8,11 @@ import pytest
 
 from tests.data.datahelp import FILES, shared_file
 from tunesmith.data.conversation import Turn
+from tunesmith.data.msagent import msagent_react_map_fn
 from tunesmith.data.readers import (
     check_records,
     format_names,
     get_format,
-    msagent_react_map_fn,
     oasst1_map_fn,
     openai_map_fn,
     read_records,

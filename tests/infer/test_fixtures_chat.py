@@ -11,9 +11,10 @@ import pytest
 from tunesmith.data.conversation import Turn
 from tunesmith.data.encode import render_prompt_text
 from tunesmith.infer.api import load_for_chat
-from tunesmith.infer.generate import Generator, SamplingConfig
+from tunesmith.infer.generate import Generator
 from tunesmith.infer.plugins import MossPlugins, plugin_system_text
 from tunesmith.infer.repl import PROMPT, RESET_MESSAGE
+from tunesmith.infer.sampling import SamplingConfig
 from tunesmith.infer.session import ChatSession
 
 
@@ -60,7 +61,7 @@ class _Scripted:
         pass
 
     def generate(self, prompt_ids, sampling=None, *, stop_words=(), stop_token_ids=(), on_text=None):
-        from tunesmith.infer.generate import GenerationResult
+        from tunesmith.infer.sampling import GenerationResult
 
         self.prompts.append(list(prompt_ids))
         text, stop = self.replies.pop(0)

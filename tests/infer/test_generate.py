@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tunesmith.infer.detok import StreamDecoder
-from tunesmith.infer.generate import Generator, SamplingConfig
+from tunesmith.infer.generate import Generator
+from tunesmith.infer.sampling import SamplingConfig
 from tunesmith.infer.stops import StopHit, StopMatcher
 
 

@@ -13,7 +13,7 @@ from tunesmith.data.conversation import Turn
 from tunesmith.data.encode import encode_prompt
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.agent import ReActAgent, parse_step, tool_argument
-from tunesmith.infer.generate import GenerationResult
+from tunesmith.infer.sampling import GenerationResult
 from tunesmith.infer.session import ChatSession
 from tunesmith.infer.tools import Calculator, PythonInterpreter, Solver, ToolError, WebSearch, calculate, solve
 
@@ -157,7 +157,8 @@ def test_history_ids_equal_template_rendering(smol_tokenizer, template):
 
 
 def test_history_keeps_generated_ids_on_a_real_model(smol_tokenizer, tiny_model):
-    from tunesmith.infer.generate import Generator, SamplingConfig
+    from tunesmith.infer.generate import Generator
+    from tunesmith.infer.sampling import SamplingConfig
 
     session = ChatSession(Generator(tiny_model, smol_tokenizer), "chatml",
                           sampling=SamplingConfig(max_new_tokens=10, temperature=0))
@@ -171,7 +172,7 @@ def test_history_keeps_generated_ids_on_a_real_model(smol_tokenizer, tiny_model)
 def test_context_overflow_keeps_recent_turns(smol_tokenizer):
     notes = []
     gen = ScriptedGenerator(smol_tokenizer, ["answer number %d " % i * 5 for i in range(8)], max_positions=160)
-    from tunesmith.infer.generate import SamplingConfig
+    from tunesmith.infer.sampling import SamplingConfig
 
     session = ChatSession(gen, "chatml", system="S", sampling=SamplingConfig(max_new_tokens=40), notice=notes.append)
     for i in range(6):

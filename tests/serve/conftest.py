@@ -1,4 +1,5 @@
-"""Shared fixtures for the serve / web tests: one SmolLM2 engine, an API server on a free loopback port."""
+"""Shared fixtures for the serve / web tests: an API server on a free loopback port (over the SmolLM2 engine of
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def smollm2_engine(smollm2_path):
-    from tunesmith.serve.engine import Engine
-
-    engine = Engine.load(str(smollm2_path), prompt_template="auto", torch_dtype="fp32")
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="session")

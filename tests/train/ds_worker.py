@@ -1,5 +1,6 @@
 """Run by test_deepspeed.py in a fresh process per training (DeepSpeed keeps process-wide state):
-`full` trains 4 steps with a ZeRO stage (checkpoints at 2 and 4); `resume` continues a copy from step 2."""
+`full` trains 4 steps with a ZeRO stage (checkpoints at 2 and 4); `resume` continues a copy from step 2;
+`eager` / `compiled` train 4 steps without dropout, with eager or compiled decoder layers."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ cfg = tiny_config(
     distributed={"deepspeed": stage},
     evaluation={"inputs": ["hello"], "every_n_steps": 2, "max_new_tokens": 4},
 )
-if mode == "full":
+if mode in ("eager", "compiled"):  # without dropout: compiled graphs draw their masks from another generator
+    cfg = tiny_config(model_dir, data_file, out / "cache", training={"max_steps": 4}, distributed={"deepspeed": stage},
+                      lora={"dropout": 0.0}, evaluation={"inputs": []}, speed={"compile": "on" if mode == "compiled"
+                                                                                  else "off"})
+    result = train(cfg, work_dir=out / mode, progress=False)
+elif mode == "full":
     result = train(cfg, work_dir=out / "full", progress=False)
 else:
     shutil.copytree(out / "full", out / "resumed", ignore=shutil.ignore_patterns("iter_4.pth", "last_checkpoint"))

@@ -72,20 +72,9 @@ def _load_cfg(config: str, overrides: list[str] | None) -> Any:
 
 
 def _tokenizer(cfg: Any) -> Any:
-    path = cfg.model.tokenizer_path or cfg.model.path
-    try:
-        from tunesmith.models import load_tokenizer  # type: ignore[attr-defined]
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-    from transformers import AutoTokenizer
+    from tunesmith.models import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise TunesmithError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0][:200]}",
-                             "check model.path / model.tokenizer_path") from None
+    return load_tokenizer(cfg.model.tokenizer_path or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 SET_HELP = "Override a config key, e.g. --set data.path=./my.jsonl (repeatable; alias --cfg-options)."

@@ -35,7 +35,7 @@ def _name_of(model: str, adapter: str | None) -> str:
 
 
 def _engine(model, adapter, prompt_template, system, bits, torch_dtype, trust_remote_code, max_batch):
-    from tunesmith.serve.engine import Engine
+    from tunesmith.infer.engine import Engine
 
     typer.echo(f"loading {model}" + (f" with adapter {adapter}" if adapter else "") + " ...", err=True)
     return Engine.load(model, adapter=adapter, prompt_template=prompt_template, system=system or "", bits=bits,

@@ -15,6 +15,14 @@ from typing import Any
 Conversation = list["Turn"]
 
 
+class RecordError(ValueError):
+    """This record cannot be used (the message says why; the caller adds file and line)."""
+
+
+class SkipRecord(ValueError):
+    """This record is dropped on purpose by its format (counted with the reason)."""
+
+
 @dataclass(frozen=True)
 class Turn:
     input: str

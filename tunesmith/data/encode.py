@@ -25,7 +25,7 @@ Public API:
    -> (list[Encoded], EncodeStats)` (batched tokenization; the training path)
 - `render_prompt_text(tokenizer, template, turns, *, system=None, bot_name="BOT") -> str` and
   `encode_prompt(...) -> list[int]`: the generation prompt for the last turn (chat, eval, serve).
-- `stop_words_for(template, tokenizer) -> list[str]`.
+Stop words (`stop_words_for`, `cut_at_stop`) live in `tunesmith.data.stopwords`.
 """
 
 from __future__ import annotations
@@ -405,12 +405,3 @@ def encode_prompt(tokenizer: Any, template: Template | str, turns: Sequence[Turn
                   bot_name: str = "BOT") -> list[int]:
     text = render_prompt_text(tokenizer, template, turns, system=system, bot_name=bot_name)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_words_for(template: Template | str, tokenizer: Any) -> list[str]:
-    """Words that end a reply: the template's STOP_WORDS plus the tokenizer's EOS."""
-    t = get_template(template) if isinstance(template, str) else template
-    words = list(t.stop_words)
-    if tokenizer.eos_token and tokenizer.eos_token not in words:
-        words.append(tokenizer.eos_token)
-    return words

@@ -4,7 +4,7 @@ For each model:
 1. loss and perplexity of the reference answers, encoded by the data stage exactly as training encodes them
    (same template, loss only on the answers and their end-of-turn token);
 2. with `max_new_tokens > 0`, an answer generated (greedy) for the last turn of each conversation, through the
-   serve engine's batched decoding, scored against the reference with ROUGE-L and BLEU.
+   inference engine's batched decoding, scored against the reference with ROUGE-L and BLEU.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def evaluate_model(engine, convs: Sequence[Sequence[Turn]], opts: EvalOptions, n
     """Metrics of one loaded model on the conversations (and its generated answers)."""
     from tunesmith.data.encode import encode_prompt, encode_records
     from tunesmith.evaluate.metrics import bleu, rouge_l, token_losses
-    from tunesmith.infer.generate import SamplingConfig
+    from tunesmith.infer.sampling import SamplingConfig
 
     t0 = time.perf_counter()
     tok = engine.tokenizer
@@ -171,7 +171,7 @@ def evaluate_model(engine, convs: Sequence[Sequence[Turn]], opts: EvalOptions, n
 def run_eval(opts: EvalOptions) -> dict:
     """Evaluate `opts.model` (and `opts.compare`), write the report into `opts.out`; returns the report dict."""
     from tunesmith.evaluate.report import write_report
-    from tunesmith.serve.engine import Engine
+    from tunesmith.infer.engine import Engine
 
     convs, fmt = load_conversations(opts.data, opts.data_format, opts.max_samples)
     progress = _Progress(opts.progress)

@@ -34,7 +34,7 @@ _THOUGHT = re.compile(r"Thought\s*[:：]\s*(.*?)(?=^\s*(?:Action|Final\s*Answer)
 def system_prompt(tools: Sequence[Tool]) -> str:
     """The tool preamble in the words msagent_react training uses: the data module builds both, so the prompt
     the agent sees cannot drift from the one it was trained on."""
-    from tunesmith.data.readers import msagent_system_prompt
+    from tunesmith.data.msagent import msagent_system_prompt
 
     return msagent_system_prompt({t.name: f"{t.description}\n输入参数: {{'input': '{t.example}'}}" for t in tools})
 

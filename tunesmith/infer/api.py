@@ -13,25 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.generate import Generator, SamplingConfig
+from tunesmith.infer.generate import Generator
+from tunesmith.infer.sampling import SamplingConfig
 from tunesmith.infer.session import ChatSession
-
-DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 
 def _torch_dtype(name: str | None, device: str):
-    import torch
+    from tunesmith.models.quantize import pick_dtype
 
-    name = (name or "auto").lower()
-    aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
-    name = aliases.get(name, name)
-    if name not in DTYPES:
-        raise TunesmithError(f"unknown --torch-dtype {name!r}", f"choose from: {', '.join(DTYPES)}")
-    if name == "auto":
-        if device != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return pick_dtype(name, device, what="--torch-dtype")
 
 
 def _check_bits(bits: int | None) -> None:

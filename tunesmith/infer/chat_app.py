@@ -79,8 +79,9 @@ def run_chat(opts: ChatOptions, *, stdin: TextIO | None = None, stdout: TextIO |
 
     from tunesmith.data.templates import resolve_system
     from tunesmith.infer.api import load_for_chat
-    from tunesmith.infer.generate import Generator, SamplingConfig
+    from tunesmith.infer.generate import Generator
     from tunesmith.infer.repl import run_repl
+    from tunesmith.infer.sampling import SamplingConfig
     from tunesmith.infer.session import ChatSession
     from tunesmith.infer.stops import merge_stop_words
 

@@ -24,106 +24,27 @@ only the new ids are prefilled.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from tunesmith.infer.detok import StreamDecoder
+from tunesmith.infer.model_kind import (
+    cache_kwarg,
+    inductor_has,
+    is_offloaded,
+    is_quantized,
+    plain_static_layers,
+    unwrap_model,
+)
+from tunesmith.infer.sampling import GenerationResult, SamplingConfig, process_logits
 from tunesmith.infer.stops import StopHit, StopMatcher
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "plain", "static", "graph", "compiled")
-
-
-@dataclass
-class SamplingConfig:
-    """Decoding settings (XTuner's chat defaults). `temperature <= 0` means greedy."""
-
-    max_new_tokens: int = 2048
-    temperature: float = 0.1
-    top_k: int = 40
-    top_p: float = 0.75
-    repetition_penalty: float = 1.0
-    seed: int | None = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature is None or self.temperature <= 0
-
-
-@dataclass
-class GenerationResult:
-    """What one call produced.
-
-    `ids` are the new token ids to keep in the history: everything generated up to and including the token
-    that ended the answer (the end-of-turn token, or the token that completed a stop word). `text` is the
-    answer as shown, without the stop word.
-    """
-
-    ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (end-of-turn token or stop word) or "length"
-    stop: str | None = None  # the stop word / special token text that ended it
-    prompt_tokens: int = 0
-    prefilled_tokens: int = 0  # prompt ids actually run through the model (the rest came from the cache)
-    time_to_first_token: float = 0.0
-    decode_seconds: float = 0.0
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.ids)
-
-    @property
-    def tokens_per_second(self) -> float:
-        n = len(self.ids) - 1  # the first token comes from the prefill
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
-
-
-def _inductor_has(name: str) -> bool:
-    try:
-        from torch._inductor import config
-    except ImportError:  # pragma: no cover
-        return False
-    return hasattr(config, name)
-
-
-def _plain_static_layers(config) -> bool:
-    """True when a StaticCache for this model is made of plain full-attention layers only (no sliding-window
-    or linear-attention layers, whose static forms cannot be rewound in place)."""
-    try:
-        from transformers import StaticCache
-
-        cache = StaticCache(config=config, max_cache_len=8)  # tensors are allocated lazily: this is cheap
-    except Exception:  # noqa: BLE001
-        return False
-    return all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
-
-
-def _unwrap(model):
-    """The transformers model under a peft wrapper (LoRA layers live inside it, so calling it uses them)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _cache_kwarg(model) -> str:
-    """transformers >= 5.2x calls the cache argument `cache`; earlier v5 releases `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _is_quantized(model) -> bool:
-    return bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None))
-
-
-def _is_offloaded(model) -> bool:
-    device_map = getattr(model, "hf_device_map", None) or {}
-    return any(str(v) in {"cpu", "disk"} for v in device_map.values()) and len(set(map(str, device_map.values()))) > 1
 
 
 class Generator:
@@ -144,23 +65,23 @@ class Generator:
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         self.tokenizer = tokenizer
         self.device = self.model.get_input_embeddings().weight.device
         if mode == "auto":
-            fast_ok = (self.device.type == "cuda" and not _is_quantized(self.model)
-                       and not _is_offloaded(self.model) and _plain_static_layers(self.model.config))
+            fast_ok = (self.device.type == "cuda" and not is_quantized(self.model)
+                       and not is_offloaded(self.model) and plain_static_layers(self.model.config))
             mode = "graph" if fast_ok else "plain"
         self.mode = mode
         self.stop_check_every = stop_check_every or (16 if self.device.type == "cuda" else 1)
         self.compile_options = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
-        if _inductor_has("emulate_precision_casts"):
+        if inductor_has("emulate_precision_casts"):
             # round fused intermediates to the model dtype as eager does: greedy output stays identical
             self.compile_options["options"] = {"emulate_precision_casts": True}
             self.compile_options.pop("mode")
             self.compile_options["options"]["triton.cudagraphs"] = True
         self.compile_options.update(compile_options or {})
-        self._cache_kw = _cache_kwarg(self.model)
+        self._cache_kw = cache_kwarg(self.model)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_positions = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
         self._cache = None
@@ -309,28 +230,8 @@ class Generator:
         return step
 
     # ------------------------------------------------------------------ sampling
-    @staticmethod
-    def _process(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
-        if seen is not None and cfg.repetition_penalty != 1.0:
-            p = cfg.repetition_penalty
-            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-        if cfg.greedy:
-            return logits
-        logits = logits / cfg.temperature
-        if cfg.top_k and cfg.top_k > 0:
-            k = min(cfg.top_k, logits.shape[-1])
-            kth = torch.topk(logits, k).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if cfg.top_p is not None and cfg.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=False)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - cfg.top_p)
-            remove[..., -1:] = False
-            logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        return logits
-
     def _choose(self, logits, cfg: SamplingConfig, seen, rng) -> torch.Tensor:
-        logits = self._process(logits, cfg, seen)
+        logits = process_logits(logits, cfg, seen)
         if cfg.greedy:
             return logits.argmax(dim=-1, keepdim=True)
         probs = logits.softmax(dim=-1)

@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from tunesmith.data.conversation import Turn
-from tunesmith.data.encode import render_prompt_text, stop_words_for
+from tunesmith.data.encode import render_prompt_text
+from tunesmith.data.stopwords import stop_words_for
 from tunesmith.data.templates import Template, get_template
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.generate import GenerationResult, Generator, SamplingConfig
+from tunesmith.infer.generate import Generator
+from tunesmith.infer.sampling import GenerationResult, SamplingConfig
 from tunesmith.infer.stops import merge_stop_words
 
 RAW_TEMPLATE = Template("raw", system="{system}\n", instruction="{input}")

@@ -20,23 +20,30 @@ _NAMES = {
 }
 
 
-def auto_dtype() -> torch.dtype:
-    """bf16 on a CUDA GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
-    if torch.cuda.is_available():
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def auto_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """The one "auto" rule: bf16 on a CUDA GPU that supports it, fp16 on older GPUs, fp32 on the CPU. ``device``:
+    where the weights will compute (default: a CUDA GPU when there is one)."""
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
-def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """'auto' / None -> auto_dtype(); 'bf16' | 'fp16' | 'fp32' (or torch names, or a torch.dtype) as given."""
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None, *,
+               what: str = "dtype") -> torch.dtype:
+    """'auto' / None -> auto_dtype(device); 'bf16' | 'fp16' | 'fp32' (or torch names, or a torch.dtype) as given.
+    ``what`` names the setting in the error (a flag or a config key)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or str(dtype).lower() == "auto":
-        return auto_dtype()
+        return auto_dtype(device)
     try:
         return _NAMES[str(dtype).lower()]
     except KeyError:
-        raise TunesmithError(f"unknown dtype {dtype!r}", "use auto, bf16, fp16 or fp32") from None
+        raise TunesmithError(f"unknown {what} {dtype!r}", "use auto, bf16, fp16 or fp32") from None
 
 
 def require_bitsandbytes(bits: int) -> None:

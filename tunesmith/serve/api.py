@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.generate import SamplingConfig
-from tunesmith.serve.engine import Engine
+from tunesmith.infer.engine import Engine
+from tunesmith.infer.sampling import SamplingConfig
 
 DEFAULT_MAX_TOKENS = 512
 

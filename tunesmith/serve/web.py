@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from tunesmith.infer.generate import SamplingConfig
-from tunesmith.serve.engine import Engine
+from tunesmith.infer.engine import Engine
+from tunesmith.infer.sampling import SamplingConfig
 
 # no calls home from a local demo
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

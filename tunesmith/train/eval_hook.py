@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
+from tunesmith.data.stopwords import cut_at_stop
 from tunesmith.files import write_text_atomic
 from tunesmith.models.fast import eager_only
 
 
 class EvaluateChat:
     def __init__(self, cfg: Any, tokenizer: Any, work_dir: Path, *, is_main: bool = True, printer=print):
-        from tunesmith.data.encode import encode_prompt, stop_words_for
+        from tunesmith.data.encode import encode_prompt
+        from tunesmith.data.stopwords import stop_words_for
         from tunesmith.data.templates import resolve_system
 
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -75,9 +77,7 @@ class EvaluateChat:
                     kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
                 out = model.generate(input_ids, **kwargs)
                 text = self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=False)
-                for word in self.stop_words:  # cut at the first stop word, as chat does
-                    if word in text:
-                        text = text[: text.index(word)]
+                text = cut_at_stop(text, self.stop_words)  # where chat's incremental matcher stops too
                 answers.append(text.strip())
         if was_training:
             model.train()

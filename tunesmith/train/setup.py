@@ -26,12 +26,13 @@ from tunesmith.train.distributed import DistEnv, rank0_first
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the GPU supports it, else fp16; CPU always fp32."""
+    """The training precision: ``requested`` ('auto': models.quantize.auto_dtype's rule) on a GPU; the CPU always
+    trains in fp32 (no autocast there)."""
+    from tunesmith.models.quantize import DTYPE_NAMES, pick_dtype
+
     if device.type != "cuda":
         return "fp32"
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
+    return DTYPE_NAMES[pick_dtype(requested, device, what="training.mixed_precision")]
 
 
 def weights_dtype(cfg: TrainConfig, precision: str, stage: int) -> str:

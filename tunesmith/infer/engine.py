@@ -10,7 +10,7 @@ it gathered (up to `max_batch`) as one batch:
   step for all rows, each row with its own sampling settings, seed, stop words and token budget. Rows that end
   early are not computed further (the batch shrinks), and the step stops when every row has ended.
 
-Both paths use infer's pieces for what they have in common: the sampling processors (`Generator._process`),
+Both paths use infer's pieces for what they have in common: the sampling processors (`sampling.process_logits`),
 incremental detokenisation (`StreamDecoder`) and stop-word matching (`StopMatcher`). Greedy decoding gives the
 same tokens either way (up to float rounding of padded attention).
 
@@ -33,161 +33,40 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import torch
 
 from tunesmith.data.conversation import Turn
 from tunesmith.data.encode import render_prompt_text
+from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
 from tunesmith.errors import TunesmithError
-from tunesmith.infer.detok import StreamDecoder
-from tunesmith.infer.generate import GenerationResult, Generator, SamplingConfig, _cache_kwarg, _unwrap
+from tunesmith.infer.generate import Generator
+from tunesmith.infer.model_kind import cache_kwarg, unwrap_model
+from tunesmith.infer.requests import BatchRow, EngineStats, Request
+from tunesmith.infer.sampling import GenerationResult, SamplingConfig
 from tunesmith.infer.session import ChatSession, resolve_template
-from tunesmith.infer.stops import StopHit, StopMatcher, merge_stop_words
+from tunesmith.infer.stops import merge_stop_words
 
 log = logging.getLogger(__name__)
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def messages_to_turns(messages: Sequence[dict]) -> tuple[list[Turn], str]:
-    """OpenAI chat messages -> (turns, system). The last turn is the one to answer (its output is empty).
-
-    System / developer messages before the first user message form the system prompt; later ones are added to
-    the next user turn's system text. Tool results are joined into the next prompt as user text.
-    """
+def prompt_turns(messages: Sequence[dict]) -> tuple[list[Turn], str]:
+    """A request's OpenAI chat messages -> (turns, system): the training data's rule (``data.messages``), with the
+    last turn the one to answer (its output empty); the first turn's system text comes back on its own."""
     if not messages:
         raise ValueError("'messages' must contain at least one message")
-    turns: list[Turn] = []
-    system, pending_system, inputs = "", "", []
+    normalized = []
     for i, msg in enumerate(messages):
-        role, content = msg.get("role"), msg.get("content") or ""
-        if isinstance(content, list):  # [{"type": "text", "text": ...}]
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
-        if role in ("system", "developer"):
-            if not turns and not inputs:
-                system += ("\n" if system else "") + content
-            else:
-                pending_system += content
-        elif role in ("user", "tool"):
-            inputs.append(content)
-        else:  # assistant
-            if not inputs:
-                if not turns:
-                    continue  # a leading assistant message has nothing to answer
-                turns[-1] = Turn(turns[-1].input, turns[-1].output + content, turns[-1].system)
-                continue
-            turns.append(Turn("\n".join(inputs), content, pending_system))
-            inputs, pending_system = [], ""
-    if not inputs:
-        raise ValueError("the last message must be from the user (or a tool): there is nothing to answer")
-    turns.append(Turn("\n".join(inputs), "", pending_system))
-    return turns, system
-
-
-@dataclass
-class Request:
-    """One generation job. `sink(kind, value)` receives ("text", piece), then ("done", result) or ("error", exc)."""
-
-    prompt_ids: list[int]
-    sampling: SamplingConfig
-    stop_words: list[str]
-    stop_token_ids: list[int]
-    sink: Callable[[str, object], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    id: int = 0
-    queued_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class EngineStats:
-    requests: int = 0
-    batches: int = 0
-    batched_requests: int = 0  # requests that ran in a batch of 2 or more
-    largest_batch: int = 0
-    cancelled: int = 0
-
-
-class _Row:
-    """Decoding state of one request inside a batch (mirrors `Generator.stream`'s bookkeeping)."""
-
-    def __init__(self, req: Request, tokenizer, eos_ids: set[int], device, vocab_size: int, max_positions: int):
-        self.req = req
-        cfg = req.sampling
-        self.max_new = cfg.max_new_tokens
-        if max_positions:
-            self.max_new = max(0, min(self.max_new, max_positions - len(req.prompt_ids)))
-        self.stop_ids = set(eos_ids) | {int(i) for i in req.stop_token_ids}
-        self.decoder = StreamDecoder(tokenizer, context_ids=req.prompt_ids)
-        self.matcher = StopMatcher(req.stop_words)
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.parts: list[str] = []
-        self.finish: str | None = None
-        self.stop: str | None = None
-        self.rng = None
-        if not cfg.greedy:
-            self.rng = torch.Generator(device=device)
-            self.rng.manual_seed(0 if cfg.seed is None else int(cfg.seed))
-        self.seen = None
-        if cfg.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(req.prompt_ids, device=device).clamp_(max=vocab_size - 1)] = True
-        self.t0 = req.queued_at
-        self.ttft = 0.0
-
-    def choose(self, logits: torch.Tensor) -> int:
-        cfg = self.req.sampling
-        logits = Generator._process(logits, cfg, self.seen)
-        if cfg.greedy:
-            return int(logits.argmax(dim=-1).item())
-        return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=self.rng).item())
-
-    def take(self, tok: int) -> None:
-        """Handle one new id: emit the text it completes, or end the row."""
-        if not self.ids:
-            self.ttft = time.perf_counter() - self.t0
-        self.ids.append(tok)
-        if self.seen is not None:
-            self.seen[0, min(tok, self.seen.shape[1] - 1)] = True
-        if tok in self.stop_ids:
-            self.finish, self.stop = "stop", self.tokenizer.decode([tok])
-            return self._close()
-        piece = self.decoder.push(tok)
-        shown = self.matcher.feed(piece) if piece else ""
-        if isinstance(shown, StopHit):
-            self.finish, self.stop = "stop", shown.word
-            return self._close()
-        self._emit(shown)
-        if len(self.ids) >= self.max_new:
-            self.finish = "length"
-            self._close()
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self.parts.append(text)
-            self.req.sink("text", text)
-
-    def _close(self) -> None:
-        if self.matcher.stopped is not None:
-            tail = self.matcher.stopped.text
-        elif self.finish == "cancelled":
-            tail = ""
-        else:
-            shown = self.matcher.feed(self.decoder.flush()) if self.finish == "length" else ""
-            if isinstance(shown, StopHit):
-                self.finish, self.stop, tail = "stop", shown.word, shown.text
-            else:
-                tail = shown + self.matcher.flush()
-        self._emit(tail)
-
-    def result(self, decode_s: float) -> GenerationResult:
-        return GenerationResult(ids=self.ids, text="".join(self.parts), finish_reason=self.finish or "length",
-                                stop=self.stop, prompt_tokens=len(self.req.prompt_ids),
-                                prefilled_tokens=len(self.req.prompt_ids), time_to_first_token=self.ttft,
-                                decode_seconds=decode_s)
+        role = normalize_role(msg.get("role")) if isinstance(msg, dict) else None
+        if role is None:
+            given = msg.get("role") if isinstance(msg, dict) else msg
+            raise ValueError(f"messages[{i}].role must be one of {sorted(ROLES)}, got {given!r}")
+        normalized.append((role, message_content(msg, i), True))
+    turns = messages_to_turns(normalized, to_answer=True)
+    return [replace(turns[0], system=""), *turns[1:]], turns[0].system
 
 
 class Engine:
@@ -234,7 +113,7 @@ class Engine:
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, messages: Sequence[dict], *, system: str | None = None) -> list[int]:
         """Token ids of the generation prompt for an OpenAI-style message list (the training renderer)."""
-        turns, msg_system = messages_to_turns(messages)
+        turns, msg_system = prompt_turns(messages)
         sys_text = msg_system or (system if system is not None else self.system)
         text = render_prompt_text(self.tokenizer, self.template, turns, system=sys_text or None,
                                   bot_name=self.bot_name)
@@ -418,10 +297,11 @@ class Engine:
         """Left-padded batched decoding with a DynamicCache; finished rows leave the batch."""
         from transformers import DynamicCache
 
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         device = model.get_input_embeddings().weight.device
         vocab = model.get_output_embeddings().weight.shape[0]
-        rows = [_Row(r, self.tokenizer, self.generator.eos_token_ids, device, vocab, self.max_positions) for r in reqs]
+        eos = self.generator.eos_token_ids
+        rows = [BatchRow(r, self.tokenizer, eos, device, vocab, self.max_positions) for r in reqs]
         t_start = time.perf_counter()
         live = [i for i, row in enumerate(rows) if row.max_new > 0]
         for row in rows:
@@ -436,14 +316,20 @@ class Engine:
             mask = torch.zeros((len(live), width), dtype=torch.long)
             for b, i in enumerate(live):
                 p = rows[i].req.prompt_ids
-                ids[b, width - len(p):] = torch.tensor(p)
-                mask[b, width - len(p):] = 1
+                ids[b, width - len(p) :] = torch.tensor(p)
+                mask[b, width - len(p) :] = 1
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask.cumsum(-1) - 1).clamp_(min=0)
             cache = DynamicCache(config=model.config)
-            kw = _cache_kwarg(model)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1, **{kw: cache})
+            kw = cache_kwarg(model)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{kw: cache},
+            )
             logits = out.logits[:, -1, :].float()
             next_pos = positions[:, -1:] + 1
             while True:
@@ -453,7 +339,7 @@ class Engine:
                         row.finish = "cancelled"
                         self.stats.cancelled += 1
                         continue
-                    row.take(row.choose(logits[b:b + 1]))
+                    row.take(row.choose(logits[b : b + 1]))
                 keep = [b for b, i in enumerate(live) if rows[i].finish is None]
                 if not keep:
                     break
@@ -464,14 +350,22 @@ class Engine:
                     live = [live[b] for b in keep]
                 tokens_t = torch.tensor([[rows[i].ids[-1]] for i in live], device=device)
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-                out = model(input_ids=tokens_t, attention_mask=mask, position_ids=next_pos, use_cache=True,
-                            logits_to_keep=1, **{kw: cache})
+                out = model(
+                    input_ids=tokens_t,
+                    attention_mask=mask,
+                    position_ids=next_pos,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{kw: cache},
+                )
                 logits = out.logits[:, -1, :].float()
                 next_pos = next_pos + 1
         decode_s = time.perf_counter() - t_start
         for row in rows:
             if row.finish == "cancelled":
-                row.req.sink("done", GenerationResult(row.ids, "".join(row.parts), "cancelled",
-                                                      prompt_tokens=len(row.req.prompt_ids)))
+                row.req.sink(
+                    "done",
+                    GenerationResult(row.ids, "".join(row.parts), "cancelled", prompt_tokens=len(row.req.prompt_ids)),
+                )
             else:
                 row.req.sink("done", row.result(decode_s))

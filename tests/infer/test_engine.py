@@ -8,12 +8,12 @@ import time
 import pytest
 
 from tunesmith.data.conversation import Turn
-from tunesmith.infer.generate import SamplingConfig
-from tunesmith.serve.engine import messages_to_turns
+from tunesmith.infer.engine import prompt_turns
+from tunesmith.infer.sampling import SamplingConfig
 
 
-def test_messages_to_turns():
-    turns, system = messages_to_turns([
+def test_prompt_turns_follow_the_training_rule_with_a_turn_to_answer():
+    turns, system = prompt_turns([
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
@@ -22,11 +22,11 @@ def test_messages_to_turns():
     assert system == "be brief"
     assert turns == [Turn("hi", "hello"), Turn("how are you", "")]
     with pytest.raises(ValueError, match="last message"):
-        messages_to_turns([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+        prompt_turns([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     with pytest.raises(ValueError, match="role"):
-        messages_to_turns([{"role": "robot", "content": "a"}])
+        prompt_turns([{"role": "robot", "content": "a"}])
     with pytest.raises(ValueError):
-        messages_to_turns([])
+        prompt_turns([])
 
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Say hello.", "What is 2+2?"]
