@@ -9,11 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from tests.train.conftest import tiny_config  # noqa: E402
-from tunesmith.train import train  # noqa: E402
+from tests.train.conftest import tiny_config
+from tunesmith.train import train
 
 mode, stage, model_dir, data_file, out = (
     sys.argv[1],

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-WORKER = Path(__file__).with_name("ds_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(mode, stage, model_dir, data_file, out):
@@ -21,8 +21,8 @@ def _run(mode, stage, model_dir, data_file, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
-    done = subprocess.run([sys.executable, str(WORKER), mode, stage, str(model_dir), str(data_file), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "tests.train.ds_worker", mode, stage, str(model_dir), str(data_file),
+                           str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])["losses"]
