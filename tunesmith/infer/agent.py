@@ -135,6 +135,9 @@ class ReActAgent:
         except ToolError as exc:
             step.error = True
             return f"error: {exc}"
+        except Exception as exc:  # noqa: BLE001 - whatever a tool does with a model's input, the loop goes on
+            step.error = True
+            return f"error: the tool failed ({type(exc).__name__}: {str(exc)[:300]})"
 
     def run(self, question: str, *, on_text: Callable[[str], None] | None = None) -> AgentResult:
         steps: list[Step] = []

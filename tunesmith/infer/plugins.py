@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.session import ChatSession
 from tunesmith.infer.tools.base import ToolError
-from tunesmith.infer.tools.calculator import calculate
-from tunesmith.infer.tools.solver import solve
+from tunesmith.infer.tools.calculator import Calculator
+from tunesmith.infer.tools.solver import Solver
 
 PLUGINS = ("calculate", "solve", "search")
 COMMAND_STOP = "<eoc>"
@@ -64,7 +64,8 @@ class MossPlugins:
         self.session = session
         self.enabled = set(enabled)
         self.search = search  # a WebSearch (needs SERPER_API_KEY) when "search" is enabled
-        self.handlers: dict[str, Callable[[str], str]] = {"Calculate": calculate, "Solve": solve}
+        # the tools' run(): bounded in time and memory, whatever the model writes
+        self.handlers: dict[str, Callable[[str], str]] = {"Calculate": Calculator().run, "Solve": Solver().run}
         if search is not None:
             self.handlers["Search"] = search.run
 
@@ -80,6 +81,8 @@ class MossPlugins:
                     result = self.handlers[api](arg)
                 except ToolError as exc:
                     result = f"error: {exc}"
+                except Exception as exc:  # noqa: BLE001 - a model's input must never end the chat
+                    result = f"error: the plugin failed ({type(exc).__name__}: {str(exc)[:300]})"
             lines.append(f'{api}("{arg}") => {result}')
         return "\n".join(lines) if lines else "None"
 

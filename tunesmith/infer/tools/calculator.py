@@ -3,8 +3,9 @@
 Accepted: numbers, + - * / // % ** (and ^ as power, as in MOSS / XTuner), parentheses, unary signs, the
 constants pi / e / tau, and the functions in `FUNCTIONS`. Several expressions may be separated by `;`.
 Anything else (names, attributes, subscripts, calls of other functions, strings, lambdas, ...) is refused
-with a `ToolError` that names the offending part. Exponents and factorials are bounded so that no input can
-hang the process.
+with a `ToolError` that names the offending part. Exponents and factorials are bounded, and the evaluation
+runs in a forked child with a time and memory limit (`bounded.run_bounded`), so no input can hang or crash the
+agent.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import operator
 
 from tunesmith.infer.tools.base import ToolError, strip_quotes
+from tunesmith.infer.tools.bounded import run_bounded
 
 MAX_EXPONENT = 10_000
 MAX_FACTORIAL = 1_000
@@ -119,11 +121,24 @@ def _eval(node: ast.expr):
     raise ToolError(f"cannot evaluate {ast.unparse(node)!r}")  # unreachable after parse_safe
 
 
+MAX_DIGITS = 60  # longer whole numbers are shown in scientific form, with their digit count
+
+
 def format_number(value) -> str:
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e16:
             return str(int(value))
         return format(value, ".10g")
+    if isinstance(value, int) and value.bit_length() > MAX_DIGITS * 3.33:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        sign = "-" if value < 0 else ""
+        exponent = digits - 1
+        try:
+            lead = str(abs(value) // 10 ** max(0, exponent - 9))  # the first 10 digits, without str() of it all
+            exponent = max(0, exponent - 9) + len(lead) - 1
+            return f"{sign}{lead[0]}.{lead[1:]}e+{exponent} ({exponent + 1} digits)"
+        except ValueError:
+            return f"a number of about {digits} digits"
     return str(value)
 
 
@@ -149,5 +164,8 @@ class Calculator:
     description = "Calculator: evaluates arithmetic like (3 + 4.5) * 2 ^ 3 or sqrt(2) / 3."
     example = "(12.5 * 4) / 3"
 
+    def __init__(self, timeout: float = 5.0):
+        self.timeout = timeout
+
     def run(self, text: str) -> str:
-        return calculate(strip_quotes(text))
+        return run_bounded(calculate, strip_quotes(text), timeout=self.timeout)

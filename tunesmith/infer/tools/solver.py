@@ -3,7 +3,8 @@ objects node by node, so sympy's own string parser (which uses `eval`) is never 
 
 Accepted: one or more equations separated by `;` or `,` (``x^2 - 4 = 0; y = 2x`` needs an explicit `*`:
 ``y = 2*x``). An expression without `=` means "= 0". Unknowns are the names that are not constants or
-functions.
+functions. Solving runs in a forked child with a time and memory limit (`bounded.run_bounded`): sympy can
+take hours on an equation like ``x = 9**9**9``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ast
 
 from tunesmith.infer.tools.base import ToolError, strip_quotes
+from tunesmith.infer.tools.bounded import run_bounded
 from tunesmith.infer.tools.calculator import FUNCTIONS, parse_safe
 
 _SYMPY_FUNCS = {
@@ -100,5 +102,10 @@ class Solver:
     description = "Equation solver: solves equations like x^2 - 4 = 0 or x + y = 3; x - y = 1."
     example = "x^2 - 5*x + 6 = 0"
 
+    def __init__(self, timeout: float = 10.0):
+        self.timeout = timeout
+
     def run(self, text: str) -> str:
-        return solve(strip_quotes(text))
+        import sympy  # noqa: F401 - imported here, not in the child: a fork must not take the import lock
+
+        return run_bounded(solve, strip_quotes(text), timeout=self.timeout)
