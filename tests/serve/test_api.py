@@ -12,6 +12,7 @@ openai = pytest.importorskip("openai", reason="the openai client is needed: pip 
 
 API_KEY = "sk-test-tunesmith"  # the key the api_server fixture sets (conftest.py)
 
+MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -56,10 +57,10 @@ def test_streamed_completion_matches_plain(client):
 
 
 def test_stop_sequence_and_seeded_sampling(client):
-    resp = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=12,
+    resp = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=12,
                                           stop=["Paris"])
     assert "Paris" not in resp.choices[0].message.content and resp.choices[0].finish_reason == "stop"
-    kwargs = dict(model="x", messages=QUESTION, temperature=0.9, top_p=0.9, max_tokens=8, seed=7)
+    kwargs = dict(model=MODEL, messages=QUESTION, temperature=0.9, top_p=0.9, max_tokens=8, seed=7)
     a = client.chat.completions.create(**kwargs).choices[0].message.content
     b = client.chat.completions.create(**kwargs).choices[0].message.content
     assert a == b  # the same seed gives the same sample
@@ -71,7 +72,7 @@ def test_sixteen_concurrent_requests(api_server, client):
 
     def ask(i: int):
         messages = [{"role": "user", "content": f"Give me a word that rhymes with number {i}."}]
-        r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=6)
+        r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
         return r.choices[0].message.content, r.choices[0].finish_reason
 
     t0 = time.perf_counter()
@@ -87,10 +88,10 @@ def test_malformed_requests_get_400(api_server, client):
     base, _ = api_server
     headers = {"Authorization": f"Bearer {API_KEY}"}
     url = f"{base}/v1/chat/completions"
-    for body in ({"model": "x"}, {"model": "x", "messages": []}, {"model": "x", "messages": QUESTION, "temperature": 7},
-                 {"model": "x", "messages": [{"role": "wizard", "content": "hi"}]},
-                 {"model": "x", "messages": QUESTION, "n": 3},
-                 {"model": "x", "messages": [{"role": "assistant", "content": "hello"}]}):
+    for body in ({"model": MODEL}, {"model": MODEL, "messages": []}, {"model": MODEL, "messages": QUESTION, "temperature": 7},
+                 {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+                 {"model": MODEL, "messages": QUESTION, "n": 3},
+                 {"model": MODEL, "messages": [{"role": "assistant", "content": "hello"}]}):
         r = httpx.post(url, json=body, headers=headers, timeout=60)
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
@@ -98,17 +99,17 @@ def test_malformed_requests_get_400(api_server, client):
     r = httpx.post(url, content=b"{not json", headers={**headers, "Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="x", messages=QUESTION, max_tokens=0)
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=0)
     assert info.value.status_code == 400 and "max_tokens" in str(info.value)
 
 
 def test_missing_or_wrong_key_gets_401(api_server):
     base, _ = api_server
-    r = httpx.post(f"{base}/v1/chat/completions", json={"model": "x", "messages": QUESTION}, timeout=30)
+    r = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError):
-        wrong.chat.completions.create(model="x", messages=QUESTION, max_tokens=2)
+        wrong.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
 
@@ -116,7 +117,7 @@ def test_missing_or_wrong_key_gets_401(api_server):
 def test_client_disconnect_stops_generation(api_server):
     base, engine = api_server
     before = engine.stats.cancelled
-    body = {"model": "x", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "temperature": 0, "max_tokens": 400, "stream": True}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
@@ -134,3 +135,14 @@ def test_client_disconnect_stops_generation(api_server):
     r = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3},
                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_an_unknown_model_is_404_model_not_found(api_server):
+    import httpx
+
+    base, _ = api_server
+    r = httpx.post(f"{base}/v1/chat/completions", json={"model": "gpt-9", "messages": QUESTION},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "gpt-9" in error["message"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from tunesmith.cli.overrides import OVERRIDES_CONTEXT, overrides_from
 from tunesmith.progress import callback_bar
 
 convert_app = typer.Typer(
@@ -58,8 +59,9 @@ Example:
 """
 
 
-@convert_app.command("pth_to_hf", help=PTH_TO_HF_HELP)
+@convert_app.command("pth_to_hf", help=PTH_TO_HF_HELP, context_settings=OVERRIDES_CONTEXT)
 def pth_to_hf_cmd(
+    ctx: typer.Context,
     config: str = typer.Argument(..., help="The config the checkpoint was trained with (YAML path or recipe name)."),
     pth: Path = typer.Argument(..., help="Checkpoint folder: work_dir/epoch_N.pth or iter_N.pth."),
     save_dir: Path = typer.Argument(..., help="Output folder."),
@@ -73,6 +75,7 @@ def pth_to_hf_cmd(
 ) -> None:
     from tunesmith.export.pth_to_hf import pth_to_hf
 
+    overrides = overrides_from(ctx, overrides)
     with callback_bar("writing", unit="bytes", stderr=True) as progress:
         result = pth_to_hf(config, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size,
                            safe_serialization=safe_serialization, overwrite=overwrite, overrides=overrides or [],

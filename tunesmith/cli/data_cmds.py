@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from tunesmith.cli.overrides import OVERRIDES_CONTEXT, SET_HELP, overrides_from
 from tunesmith.errors import TunesmithError
 
 data_app = typer.Typer(name="data", help="Prepare training data: convert tables to conversations, split them.",
@@ -77,10 +78,8 @@ def _tokenizer(cfg: Any) -> Any:
     return load_tokenizer(cfg.model.tokenizer_path or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
-SET_HELP = "Override a config key, e.g. --set data.path=./my.jsonl (repeatable; alias --cfg-options)."
-
-
 def check_custom_dataset(
+    ctx: typer.Context,
     config: str = typer.Argument(..., help="Config file or built-in recipe name."),
     overrides: list[str] = typer.Option(None, "--set", "--cfg-options", help=SET_HELP),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Only validate records (skip token lengths)."),
@@ -91,7 +90,7 @@ def check_custom_dataset(
     """
     from tunesmith.data.check import check_dataset
 
-    cfg = _load_cfg(config, overrides)
+    cfg = _load_cfg(config, overrides_from(ctx, overrides))
     tokenizer = None if no_tokenizer else _tokenizer(cfg)
     report = check_dataset(cfg, tokenizer)
     typer.echo(report.format())
@@ -100,6 +99,7 @@ def check_custom_dataset(
 
 
 def log_dataset(
+    ctx: typer.Context,
     config: str = typer.Argument(..., help="Config file or built-in recipe name."),
     show: str = typer.Option("all", "--show", help="text | masked_text | input_ids | labels | all"),
     n: int = typer.Option(2, "-n", "--num", help="How many samples to show."),
@@ -113,7 +113,7 @@ def log_dataset(
 
     if show not in SHOW_CHOICES:
         raise TunesmithError(f"unknown --show {show!r}", f"use one of {', '.join(SHOW_CHOICES)}")
-    cfg = _load_cfg(config, overrides)
+    cfg = _load_cfg(config, overrides_from(ctx, overrides))
     typer.echo(show_samples(cfg, _tokenizer(cfg), show=show, n=n))
 
 
@@ -148,7 +148,7 @@ def list_template() -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
-    app.command("check-custom-dataset")(check_custom_dataset)
-    app.command("log-dataset")(log_dataset)
+    app.command("check-custom-dataset", context_settings=OVERRIDES_CONTEXT)(check_custom_dataset)
+    app.command("log-dataset", context_settings=OVERRIDES_CONTEXT)(log_dataset)
     app.command("list-dataset-format")(list_dataset_format)
     app.command("list-template")(list_template)

@@ -36,7 +36,9 @@ def _name_of(model: str, adapter: str | None) -> str:
 
 def _engine(model, adapter, prompt_template, system, bits, torch_dtype, trust_remote_code, max_batch):
     from tunesmith.infer.engine import Engine
+    from tunesmith.models import resolve_model_path
 
+    resolve_model_path(model)  # a wrong path is said before anything else is printed
     typer.echo(f"loading {model}" + (f" with adapter {adapter}" if adapter else "") + " ...", err=True)
     return Engine.load(model, adapter=adapter, prompt_template=prompt_template, system=system or "", bits=bits,
                        torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, max_batch=max_batch)
@@ -46,6 +48,33 @@ def _check_host(host: str, api_key: str | None) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
                    err=True)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Before the model loads: the port is a port, and free on that address."""
+    import errno
+    import socket
+
+    from tunesmith.errors import TunesmithError
+
+    if not 1 <= port <= 65535:
+        raise TunesmithError(f"--port {port} is not a TCP port", "use a number from 1 to 65535, e.g. --port 8000")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TunesmithError(f"--host {host!r} is not an address of this machine ({exc.strerror})",
+                             "use 127.0.0.1, 0.0.0.0 or an address of one of its interfaces") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves bind
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise TunesmithError(f"port {port} on {host} is already in use",
+                                     "stop what is listening there or pass another --port") from None
+            raise TunesmithError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                 "use an address of this machine and a port you may open (above 1023)") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -69,6 +98,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from tunesmith.serve.api import create_app, run_server
 
+        _check_port(host, port)
         _check_host(host, api_key)
         engine = _engine(model, adapter, prompt_template, system, bits, torch_dtype, trust_remote_code, max_batch)
         name = model_name or _name_of(model, adapter)
@@ -95,6 +125,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from tunesmith.serve.web import build_demo, launch
 
+        _check_port(host, port)
         _check_host(host, None)
         engine = _engine(model, adapter, prompt_template, system, bits, torch_dtype, trust_remote_code, 16)
         demo = build_demo(engine, model_name=_name_of(model, adapter), system=system or "",

@@ -11,6 +11,8 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
+from tunesmith.cli.overrides import OVERRIDES_CONTEXT, overrides_from
+
 TRAIN_HELP = """Fine-tune a model with a config (a YAML file or a built-in recipe name).
 
 Checkpoints go to WORK_DIR/epoch_N.pth (and iter_N.pth with training.save_steps), with metrics.jsonl,
@@ -44,8 +46,7 @@ def _train_args() -> list[str]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train", help=TRAIN_HELP, cls=_TrainCommand,
-                 context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+    @app.command("train", help=TRAIN_HELP, cls=_TrainCommand, context_settings=OVERRIDES_CONTEXT)
     def train_cmd(
         ctx: typer.Context,
         config: str = typer.Argument(..., help="Config YAML path or built-in recipe name (see list-cfg)."),
@@ -69,13 +70,9 @@ def register(app: typer.Typer) -> None:
         ),
         no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of a progress bar."),
     ) -> None:
-        from tunesmith.errors import TunesmithError
         from tunesmith.train.launch import relaunch
 
-        extra = list(ctx.args)
-        bad = [a for a in extra if "=" not in a]
-        if bad:
-            raise TunesmithError(f"unexpected argument {bad[0]!r}", "overrides are key=value after --set")
+        sets = overrides_from(ctx, overrides)
         code = relaunch(_train_args())
         if code is not None:
             raise typer.Exit(code)
@@ -86,7 +83,7 @@ def register(app: typer.Typer) -> None:
         flags = [f"distributed.deepspeed={deepspeed}"] if deepspeed is not None else []
         flags += [f"training.seed={seed}"] if seed is not None else []
         flags += [f"work_dir={work_dir}"] if work_dir is not None else []
-        cfg, stem = load_config(config, list(overrides or []) + extra + flags)
+        cfg, stem = load_config(config, sets + flags)
         result = train(cfg, resume=resume, config_name=stem, progress=not no_progress and sys.stdout.isatty())
         is_main = os.environ.get("RANK", "0") == "0"
         if result.interrupted:

@@ -24,7 +24,7 @@ from tunesmith.data.conversation import Turn, conversation_to_json
 from tunesmith.data.sources import iter_file
 from tunesmith.data.templates import resolve_system
 from tunesmith.errors import TunesmithError
-from tunesmith.files import atomic_path
+from tunesmith.files import atomic_path, check_outputs
 
 CONVERT_SUFFIXES = (".xlsx", ".xls", ".csv", ".tsv", ".json", ".jsonl", ".parquet")
 _PAIRS = [("input", "output"), ("question", "answer"), ("instruction", "output"), ("prompt", "completion"),
@@ -82,6 +82,7 @@ def convert_table(src: str | os.PathLike, dst: str | os.PathLike, *, input_col: 
                              f"use one of {', '.join(CONVERT_SUFFIXES)}")
     if system and system_template:
         raise TunesmithError("pass --system or --system-template, not both")
+    check_outputs({"IN": src}, {"OUT": dst})
     system_text = resolve_system(system, system_template)
     result = ConvertResult()
     lines: list[str] = []
@@ -145,6 +146,7 @@ def split_records(src: str | os.PathLike, train: str | os.PathLike | None = None
         raise TunesmithError(f"{src} does not exist", "check the input path")
     d_train, d_test = default_split_paths(src)
     train_path, test_path = Path(train or d_train), Path(test or d_test)
+    check_outputs({"IN": src}, {"--train": train_path, "--test": test_path})
     records = _records(src)
     if len(records) < 2:
         raise TunesmithError(f"{src} has {len(records)} record(s); a split needs at least 2")

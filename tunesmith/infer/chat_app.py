@@ -88,6 +88,9 @@ def run_chat(opts: ChatOptions, *, stdin: TextIO | None = None, stdout: TextIO |
     check_options(opts)
     out = stdout or sys.stdout
     torch.manual_seed(opts.seed)
+    from tunesmith.models import resolve_model_path
+
+    resolve_model_path(opts.model)  # a wrong path is said before anything else is printed
     _say(f"loading {opts.model}" + (f" + adapter {opts.adapter}" if opts.adapter else "") + " ...")
     model, tokenizer = load_for_chat(
         opts.model, adapter=opts.adapter, bits=opts.bits, torch_dtype=opts.torch_dtype,

@@ -166,6 +166,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if body.model is not None and body.model != model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist (this server serves '{model_name}')",
+                           param="model", code="model_not_found")
         messages = [m.model_dump() for m in body.messages]
         try:
             prompt_ids = engine.prompt_ids(messages)

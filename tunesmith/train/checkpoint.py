@@ -20,9 +20,12 @@ No pickle anywhere. A checkpoint is written into a temporary sibling folder and 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,8 @@ def save_checkpoint(
         # meta.json last: a folder with meta.json is complete even if someone copies it half-way
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2),
                                        encoding="utf-8")
+        if os.environ.get("TUNESMITH_TEST_SAVE_DELAY"):  # the kill-and-resume bench widens the window it aims at
+            time.sleep(float(os.environ["TUNESMITH_TEST_SAVE_DELAY"]))
     return path
 
 
@@ -183,24 +188,56 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _files_of(path: Path, rank: int) -> tuple[Path, Path]:
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        weights = path / "model.safetensors"
+    opt_file = path / "optimizer.safetensors"
+    if not opt_file.exists():
+        opt_file = path / f"optimizer.rank{rank}.safetensors"
+    return weights, opt_file
+
+
+def checkpoint_problem(path: Path, *, rank: int = 0) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from (cut short, damaged, another format), or None.
+    Reads the small files whole and the safetensors headers only."""
+    from safetensors import safe_open
+
+    try:
+        read_meta(path)
+    except TunesmithError as exc:
+        return str(exc)
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"its trainer_state.json is unreadable ({type(exc).__name__})"
+    for file in _files_of(path, rank):
+        if not file.exists():
+            return f"{file.name} is missing"
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                list(fh.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            return f"{file.name} is damaged ({type(exc).__name__})"
+    return None
+
+
 def load_checkpoint(path: Path, *, rank: int = 0) -> dict[str, Any]:
     """Everything of a checkpoint folder, as plain objects: meta, weights, optimizer (tensors + rest), state."""
     path = Path(path)
     meta = read_meta(path)
-    weights_file = "adapter_model.safetensors" if (path / "adapter_model.safetensors").exists() else "model.safetensors"
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    opt_file = path / "optimizer.safetensors"
-    if not opt_file.exists():
-        opt_file = path / f"optimizer.rank{rank}.safetensors"
-    if not opt_file.exists():
-        raise TunesmithError(f"checkpoint {path} has no optimizer state for rank {rank}",
-                             "resume with the same number of processes the checkpoint was written with")
+    problem = checkpoint_problem(path, rank=rank)
+    if problem is not None:
+        hint = ("resume with the same number of processes the checkpoint was written with"
+                if "optimizer.rank" in problem else "resume from an earlier checkpoint, or --resume auto")
+        raise TunesmithError(f"checkpoint {path} cannot be resumed from: {problem}", hint)
+    weights_file, opt_file = _files_of(path, rank)
     return {
         "meta": meta,
-        "weights": load_file(str(path / weights_file)),
-        "weights_file": weights_file,
+        "weights": load_file(str(weights_file)),
+        "weights_file": weights_file.name,
         "optimizer_tensors": load_file(str(opt_file)),
-        "trainer_state": state,
+        "trainer_state": json.loads((path / "trainer_state.json").read_text(encoding="utf-8")),
     }
 
 
@@ -218,24 +255,31 @@ def write_last_checkpoint(work_dir: Path, path: Path) -> None:
     write_text_atomic(Path(work_dir) / LAST, str(Path(path).resolve()) + "\n")
 
 
-def find_last_checkpoint(work_dir: Path) -> Path | None:
-    """The checkpoint `last_checkpoint` names (falls back to the newest complete folder)."""
+def find_last_checkpoint(work_dir: Path, *, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint of ``work_dir`` that can be resumed from: the one `last_checkpoint` names, else the
+    newest complete folder by step. A damaged one is skipped with a one-line ``warn`` and the one before it used."""
     work_dir = Path(work_dir)
+    candidates: list[tuple[int, int, Path]] = []
     marker = work_dir / LAST
     if marker.exists():
         named = Path(marker.read_text(encoding="utf-8").strip())
-        if not named.is_absolute():
-            named = work_dir / named
-        if (named / "meta.json").exists():
-            return named
-    candidates = []
+        candidates.append((1, 0, named if named.is_absolute() else work_dir / named))
     for p in work_dir.glob("*.pth"):
-        if (p / "meta.json").exists():
-            try:
-                candidates.append((int(json.loads((p / "meta.json").read_text())["step"]), p))
-            except (OSError, ValueError, KeyError):
-                continue
-    return max(candidates)[1] if candidates else None
+        try:
+            candidates.append((0, int(json.loads((p / "meta.json").read_text())["step"]), p))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    seen = set()
+    for _, _, path in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        problem = checkpoint_problem(path) if path.is_dir() else "it does not exist"
+        if problem is None:
+            return path
+        if warn is not None:
+            warn(f"warning: skipping checkpoint {path}: {problem}")
+    return None
 
 
 def rotate_iter_checkpoints(work_dir: Path, keep: int | None) -> list[Path]:

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ import torch
 
 from tunesmith.config import TrainConfig, config_hash, default_work_dir
 from tunesmith.errors import TunesmithError
-from tunesmith.files import write_text_atomic
+from tunesmith.files import make_parent, write_text_atomic
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
     DistEnv,
@@ -79,6 +80,10 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
     ``work_dir`` defaults to ``cfg.work_dir``, else ``work_dirs/<config_name>``."""
     start_time = time.perf_counter()
     work_dir = Path(work_dir or default_work_dir(cfg, config_name)).resolve()
+    if work_dir.exists() and not work_dir.is_dir():
+        raise TunesmithError(f"work dir {work_dir} is a file, not a folder", "pass another --work-dir")
+    new_work_dir = not work_dir.exists()
+    make_parent(work_dir / "metrics.jsonl")  # says in one line what is in the way, before anything slow
     if cfg.distributed.deepspeed:
         deepspeed_config_path(cfg.distributed.deepspeed)  # an unknown name fails here, before anything slow
         try:
@@ -90,15 +95,25 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
                             timeout_minutes=max(30.0, cfg.distributed.dataset_timeout_minutes))
     try:
         return _train(cfg, env, work_dir, resume, progress, start_time)
+    except BaseException:
+        if new_work_dir and env.is_main:
+            _remove_if_unused(work_dir)
+        raise
     finally:
         teardown_distributed()
+
+
+def _remove_if_unused(work_dir: Path) -> None:
+    """A run that failed before its first checkpoint leaves no work dir behind (its log is on the console)."""
+    if work_dir.is_dir() and not any(work_dir.glob("*.pth")):
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _resume_path(resume: Any, work_dir: Path, chash: str, env: DistEnv, printer) -> Path | None:
     if resume is None:
         return None
     if str(resume) == "auto":
-        path = ckpt.find_last_checkpoint(work_dir) if work_dir.exists() else None
+        path = ckpt.find_last_checkpoint(work_dir, warn=printer) if work_dir.exists() else None
         if path is None and env.is_main:
             printer(f"--resume auto: no checkpoint in {work_dir}, starting from the beginning")
     else:
