@@ -1,7 +1,7 @@
 """Kill `tunesmith train` at random moments, some inside a checkpoint write, resume each time with
 `--resume auto`, and compare the final weights with an uninterrupted run's, bit for bit.
 
-    python bench/kill_resume.py --kills 20            # about 3 minutes on two CPU cores
+    python bench/kill_resume.py --kills 20            # about 4 minutes on two CPU cores
 
 The run trains the test suite's tiny Llama on the CPU (deterministic kernels), saving every step; the
 environment variable TUNESMITH_TEST_SAVE_DELAY stretches each save so that a good share of the kills land while a
@@ -63,6 +63,14 @@ def environment(delay: float) -> dict[str, str]:
     return env
 
 
+def logged_steps(work: Path) -> int:
+    try:
+        return max((json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()
+                    if line.endswith("}")), default=0)
+    except OSError:
+        return 0
+
+
 def weights(work: Path, step: int) -> dict:
     from safetensors.torch import load_file
 
@@ -72,7 +80,7 @@ def weights(work: Path, step: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--save-delay", type=float, default=0.4, help="seconds each save lingers before its rename")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
@@ -87,9 +95,13 @@ def main() -> int:
             return 1
         in_write = 0
         for kill in range(1, args.kills + 1):
+            before = logged_steps(work)
             proc = subprocess.Popen(command(cfg, work, True), env=environment(args.save_delay),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2.0, 6.0))  # start-up takes a few seconds; then a step or a save
+            deadline = time.monotonic() + 60
+            while logged_steps(work) <= before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # wait for the first new step: every kill comes after some progress
+            time.sleep(rng.uniform(0.0, 1.5))  # then inside a step or a save
             writing = any(p.name.startswith(".iter_") for p in work.glob(".*")) if work.exists() else False
             if proc.poll() is not None:
                 print(f"kill {kill:2d}: the run had already finished")
@@ -98,7 +110,8 @@ def main() -> int:
             proc.wait()
             in_write += writing
             last = (work / "last_checkpoint").read_text().strip() if (work / "last_checkpoint").exists() else "-"
-            print(f"kill {kill:2d}: {'during a checkpoint write' if writing else 'between saves':26s} "
+            print(f"kill {kill:2d}: at step {logged_steps(work):3d}, "
+                  f"{'during a checkpoint write' if writing else 'between saves':26s} "
                   f"last checkpoint {Path(last).name}", flush=True)
         done = subprocess.run(command(cfg, work, True), env=environment(0), capture_output=True, text=True)
         if done.returncode != 0:
