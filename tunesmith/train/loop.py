@@ -53,7 +53,8 @@ from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameter
 from tunesmith.train.setup import (
     build_data,
     environment_info,
-    load_model_and_tokenizer,
+    load_model,
+    load_tokenizer,
     memory_gb,
     resolve_precision,
     seed_everything,
@@ -141,8 +142,9 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     ds_config = (resolve_deepspeed_config(cfg.distributed.deepspeed, cfg, world_size=env.world_size,
                                           precision=precision) if cfg.distributed.deepspeed else None)
     stage = zero_stage(ds_config)
-    model, tokenizer, fast = load_model_and_tokenizer(cfg, env, precision, stage)
-    data = build_data(cfg, tokenizer, env, progress=progress, printer=printer)
+    tokenizer = load_tokenizer(cfg)
+    data = build_data(cfg, tokenizer, env, progress=progress, printer=printer)  # data problems before the model
+    model, fast = load_model(cfg, env, precision, stage)
     params = trainable_parameters(model)
     resumed = ckpt.load_checkpoint(resume_path, rank=env.rank) if resume_path is not None else None
     if resumed is not None:

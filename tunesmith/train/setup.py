@@ -101,13 +101,21 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, *, device: torch.dev
     return model, fast
 
 
-def load_model_and_tokenizer(cfg: TrainConfig, env: DistEnv, precision: str, stage: int = 0):
-    """Tokenizer, and the model of ``cfg`` prepared to train on ``env.device``; returns (model, tokenizer, fast)."""
+def load_tokenizer(cfg: TrainConfig):
+    """The tokenizer of ``cfg`` (``model.tokenizer_path`` or the model's own); loaded before the model, so the data
+    can be read and checked before anything slow happens."""
     from tunesmith import models
 
     path = models.resolve_model_path(cfg.model.path)
-    tok_path = models.resolve_model_path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else path
-    tokenizer = models.load_tokenizer(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+    tok_path = cfg.model.tokenizer_path or path
+    return models.load_tokenizer(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_model(cfg: TrainConfig, env: DistEnv, precision: str, stage: int = 0):
+    """The model of ``cfg`` prepared to train on ``env.device``; returns (model, fast paths)."""
+    from tunesmith import models
+
+    path = models.resolve_model_path(cfg.model.path)
     q = cfg.quantization
     device_map = {"": env.device.index or 0} if q.bits is not None and env.device.type == "cuda" else None
     model = models.load_model(path, dtype=weights_dtype(cfg, precision, stage), bits=q.bits, device_map=device_map,
@@ -115,8 +123,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, env: DistEnv, precision: str, sta
                               attn_implementation=cfg.model.attn_implementation, quant_type=q.quant_type,
                               double_quant=q.double_quant, compute_dtype=q.compute_dtype,
                               quant_storage=q.quant_storage)
-    model, fast = prepare_model(model, cfg, device=env.device, deepspeed_stage=stage, world_size=env.world_size)
-    return model, tokenizer, fast
+    return prepare_model(model, cfg, device=env.device, deepspeed_stage=stage, world_size=env.world_size)
 
 
 # ----------------------------------------------------------------------------------------- data
