@@ -88,7 +88,8 @@ def test_malformed_requests_get_400(api_server, client):
     base, _ = api_server
     headers = {"Authorization": f"Bearer {API_KEY}"}
     url = f"{base}/v1/chat/completions"
-    for body in ({"model": MODEL}, {"model": MODEL, "messages": []}, {"model": MODEL, "messages": QUESTION, "temperature": 7},
+    for body in ({"model": MODEL}, {"model": MODEL, "messages": []},
+                 {"model": MODEL, "messages": QUESTION, "temperature": 7},
                  {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
                  {"model": MODEL, "messages": QUESTION, "n": 3},
                  {"model": MODEL, "messages": [{"role": "assistant", "content": "hello"}]}):

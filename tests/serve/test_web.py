@@ -36,6 +36,8 @@ def test_to_messages_keeps_roles_and_system():
         {"role": "assistant", "content": "yo"},
     ]
     assert to_messages(history, "  ")[0]["role"] == "user"
+    shown = [{"role": "user", "content": "&lt;b&gt;x &amp; y&lt;/b&gt;"}]  # the page keeps what the user typed escaped
+    assert to_messages(shown, "")[0]["content"] == "<b>x & y</b>"
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +131,27 @@ def test_web_page_streams_an_answer(web_url, browser):
     # reset clears the conversation
     browser.find_element(By.CSS_SELECTOR, "#reset").click()
     WebDriverWait(browser, 30).until(lambda d: _bot_text(d) == "")
+
+
+def test_a_message_with_markup_is_shown_as_text(web_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(web_url)
+    box = WebDriverWait(browser, 60).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "#message textarea, #message input")))
+    typed = "<script>window.__pwned = 1</script><b>bold?</b> say hi"
+    box.send_keys(typed)
+    box.send_keys(Keys.ENTER)
+
+    def user_text(driver):
+        found = driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid='user']") or driver.find_elements(
+            By.CSS_SELECTOR, "#chatbot .user")
+        return found[-1].text if found else ""
+
+    WebDriverWait(browser, 60).until(lambda d: "<script>" in user_text(d))
+    assert "<b>bold?</b>" in user_text(browser)  # the tags are text, not markup
+    assert browser.execute_script("return window.__pwned") is None
+    browser.find_element(By.CSS_SELECTOR, "#reset").click()

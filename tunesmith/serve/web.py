@@ -1,12 +1,17 @@
 """A browser chat page (gradio) over an `Engine`: streaming answers, a system prompt box, sampling controls
 and a reset button. Closing the page or pressing Stop cancels the generation.
 
+What the user types is shown as text (HTML-escaped in the page's history, unescaped again for the model): a
+message with ``<script>`` in it is a message, not markup. Answers render as markdown, with gradio's HTML
+sanitizing.
+
     demo = build_demo(Engine.load("builtin:smollm2-135m-instruct"), model_name="smollm2")
     launch(demo, host="127.0.0.1", port=7860)
 """
 
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Iterator
 
@@ -33,7 +38,9 @@ def to_messages(history: list, system: str) -> list[dict]:
     for item in history:
         role = item.get("role") if isinstance(item, dict) else getattr(item, "role", None)
         content = item.get("content") if isinstance(item, dict) else getattr(item, "content", None)
-        if role in ("user", "assistant"):
+        if role == "user":  # shown escaped (see the module docstring); the model gets what was typed
+            out.append({"role": role, "content": html.unescape(_text_of(content))})
+        elif role == "assistant":
             out.append({"role": role, "content": _text_of(content)})
     return out
 
@@ -47,7 +54,7 @@ def build_demo(engine: Engine, *, model_name: str, system: str = "", max_new_tok
         if not message:
             yield history, ""
             return
-        history = list(history or []) + [{"role": "user", "content": message}]
+        history = list(history or []) + [{"role": "user", "content": html.escape(message)}]
         messages = to_messages(history, system_prompt or "")
         history.append({"role": "assistant", "content": ""})
         yield history, ""
