@@ -266,3 +266,38 @@ def test_metrics_jsonl_tensorboard_plot_and_resume_cut(tmp_path):
     m2 = MetricsWriter(tmp_path, tensorboard=False, resume_step=3)
     assert [r["step"] for r in m2.records()] == [1, 2, 3]
     assert MetricsWriter(tmp_path / "x", enabled=False).plot() is None
+
+
+def test_resume_auto_skips_a_damaged_checkpoint_with_a_warning(tmp_path):
+    """A checkpoint cut short (trainer_state.json half written by a copy, a damaged weights file) is passed over
+    for the one before it, with one line saying so; asked for by name, it is a one-line error."""
+    from safetensors.torch import save_file
+
+    def write(step, state='{"step": 1}'):
+        path = tmp_path / f"iter_{step}.pth"
+        path.mkdir()
+        save_file({"w": torch.zeros(2)}, str(path / "adapter_model.safetensors"))
+        save_file({"state.0.exp_avg": torch.zeros(2)}, str(path / "optimizer.safetensors"))
+        (path / "trainer_state.json").write_text(state)
+        (path / "meta.json").write_text(json.dumps({"format": ckpt.FORMAT, "version": 1, "step": step}))
+        return path
+
+    good = write(2)
+    bad = write(4, state='{"step": 4, "rng": [')
+    ckpt.write_last_checkpoint(tmp_path, bad)
+    said = []
+    assert ckpt.find_last_checkpoint(tmp_path, warn=said.append) == good
+    assert len(said) == 1 and "iter_4.pth" in said[0] and "trainer_state.json" in said[0]
+    with pytest.raises(TunesmithError, match="cannot be resumed from"):
+        ckpt.load_checkpoint(bad)
+    (good / "adapter_model.safetensors").write_bytes(b"\x00\x01not safetensors")
+    assert ckpt.find_last_checkpoint(tmp_path, warn=said.append) is None
+
+
+def test_a_run_that_fails_early_leaves_no_work_dir(make_cfg, tmp_path):
+    from tunesmith.train import train
+
+    work = tmp_path / "runs" / "never"
+    with pytest.raises(TunesmithError):
+        train(make_cfg(data={"path": str(tmp_path / "missing.jsonl")}), work_dir=work, progress=False)
+    assert not work.exists()
