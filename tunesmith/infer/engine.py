@@ -322,15 +322,13 @@ class Engine:
             positions = (mask.cumsum(-1) - 1).clamp_(min=0)
             cache = DynamicCache(config=model.config)
             kw = cache_kwarg(model)
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{kw: cache},
-            )
-            logits = out.logits[:, -1, :].float()
+
+            def last_logits(input_ids, attention_mask, position_ids):  # prefill and every decode step
+                out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, logits_to_keep=1, **{kw: cache})
+                return out.logits[:, -1, :].float()
+
+            logits = last_logits(ids, mask, positions)
             next_pos = positions[:, -1:] + 1
             while True:
                 for b, i in enumerate(live):
@@ -350,15 +348,7 @@ class Engine:
                     live = [live[b] for b in keep]
                 tokens_t = torch.tensor([[rows[i].ids[-1]] for i in live], device=device)
                 mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-                out = model(
-                    input_ids=tokens_t,
-                    attention_mask=mask,
-                    position_ids=next_pos,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{kw: cache},
-                )
-                logits = out.logits[:, -1, :].float()
+                logits = last_logits(tokens_t, mask, next_pos)
                 next_pos = next_pos + 1
         decode_s = time.perf_counter() - t_start
         for row in rows:
