@@ -28,6 +28,7 @@ import torch
 from tunesmith.config import TrainConfig, config_hash, default_work_dir
 from tunesmith.errors import TunesmithError
 from tunesmith.files import make_parent, write_text_atomic
+from tunesmith.models import resolve_model_path
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
     DistEnv,
@@ -81,10 +82,8 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
     ``work_dir`` defaults to ``cfg.work_dir``, else ``work_dirs/<config_name>``."""
     start_time = time.perf_counter()
     work_dir = Path(work_dir or default_work_dir(cfg, config_name)).resolve()
-    if work_dir.exists() and not work_dir.is_dir():
-        raise TunesmithError(f"work dir {work_dir} is a file, not a folder", "pass another --work-dir")
     new_work_dir = not work_dir.exists()
-    make_parent(work_dir / "metrics.jsonl")  # says in one line what is in the way, before anything slow
+    make_parent(work_dir / "metrics.jsonl")  # creates it, or says in one line what is in the way
     if cfg.distributed.deepspeed:
         deepspeed_config_path(cfg.distributed.deepspeed)  # an unknown name fails here, before anything slow
         try:
@@ -133,7 +132,6 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     # --- setup ----------------------------------------------------------------------------------------------
     resume_path = _resume_path(resume, work_dir, chash, env, printer)
     if env.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(work_dir)
     seed_everything(t.seed, t.deterministic)
     if env.device.type == "cpu":
@@ -142,9 +140,10 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     ds_config = (resolve_deepspeed_config(cfg.distributed.deepspeed, cfg, world_size=env.world_size,
                                           precision=precision) if cfg.distributed.deepspeed else None)
     stage = zero_stage(ds_config)
-    tokenizer = load_tokenizer(cfg)
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(cfg, model_path)
     data = build_data(cfg, tokenizer, env, progress=progress, printer=printer)  # data problems before the model
-    model, fast = load_model(cfg, env, precision, stage)
+    model, fast = load_model(cfg, model_path, env, precision, stage)
     params = trainable_parameters(model)
     resumed = ckpt.load_checkpoint(resume_path, rank=env.rank) if resume_path is not None else None
     if resumed is not None:

@@ -13,6 +13,7 @@ import random
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -101,25 +102,23 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, *, device: torch.dev
     return model, fast
 
 
-def load_tokenizer(cfg: TrainConfig):
-    """The tokenizer of ``cfg`` (``model.tokenizer_path`` or the model's own); loaded before the model, so the data
-    can be read and checked before anything slow happens."""
+def load_tokenizer(cfg: TrainConfig, model_path: Path):
+    """The tokenizer of ``cfg`` (``model.tokenizer_path`` or that of the model at ``model_path``); loaded before the
+    model, so the data can be read and checked before anything slow happens."""
     from tunesmith import models
 
-    path = models.resolve_model_path(cfg.model.path)
-    tok_path = cfg.model.tokenizer_path or path
-    return models.load_tokenizer(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+    return models.load_tokenizer(cfg.model.tokenizer_path or model_path, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def load_model(cfg: TrainConfig, env: DistEnv, precision: str, stage: int = 0):
-    """The model of ``cfg`` prepared to train on ``env.device``; returns (model, fast paths)."""
+def load_model(cfg: TrainConfig, model_path: Path, env: DistEnv, precision: str, stage: int = 0):
+    """The model at ``model_path`` (``cfg.model.path`` resolved) prepared to train on ``env.device``; returns
+    (model, fast paths)."""
     from tunesmith import models
 
-    path = models.resolve_model_path(cfg.model.path)
     q = cfg.quantization
     device_map = {"": env.device.index or 0} if q.bits is not None and env.device.type == "cuda" else None
-    model = models.load_model(path, dtype=weights_dtype(cfg, precision, stage), bits=q.bits, device_map=device_map,
-                              trust_remote_code=cfg.model.trust_remote_code,
+    model = models.load_model(model_path, dtype=weights_dtype(cfg, precision, stage), bits=q.bits,
+                              device_map=device_map, trust_remote_code=cfg.model.trust_remote_code,
                               attn_implementation=cfg.model.attn_implementation, quant_type=q.quant_type,
                               double_quant=q.double_quant, compute_dtype=q.compute_dtype,
                               quant_storage=q.quant_storage)
