@@ -130,15 +130,10 @@ class Bench:
     def build_tunesmith(self, spec: Spec) -> Built:
         from tunesmith.models import pick_dtype
         from tunesmith.train.loss import CausalLMLoss
-        from tunesmith.train.memory import (
-            card_budget,
-            optimizer_state_bytes,
-            plan_activations,
-            planning_wanted,
-        )
+        from tunesmith.train.memory import fit_activations, planning_wanted
         from tunesmith.train.optim import build_optimizer, trainable_parameters
         from tunesmith.train.setup import prepare_model, resolve_precision, weights_dtype
-        from tunesmith.train.step import LocalBackend, TrainStep, probe_step
+        from tunesmith.train.step import LocalBackend, TrainStep
 
         cfg = self.config(spec)
         precision = resolve_precision(cfg.training.mixed_precision, self.device)
@@ -153,10 +148,8 @@ class Bench:
         module = CausalLMLoss(model, fast.loss_options())
         notes = ["compiled" if fast.compiled else "eager"]
         if planning_wanted(fast, cfg.training.gradient_checkpointing):
-            batch = self.batches(spec)[0][0]
-            budget = card_budget(cfg.speed.memory_fraction, self.device,
-                                 optimizer_state_bytes(params, cfg.training.optimizer))
-            plan = plan_activations(model, probe_step(module, precision, self.device), batch, budget)
+            plan = fit_activations(model, module, params, cfg, self.batches(spec)[0][0], precision=precision,
+                                   device=self.device)
             log(f"[bench] {spec.name}: {plan.describe()}")
             notes.append(f"act {100 * plan.fraction:.0f}%, {plan.whole_layers}/{plan.layers} whole")
         backend = LocalBackend(module, optimizer, params, precision=precision, device=self.device,

@@ -42,13 +42,7 @@ from tunesmith.train.distributed import (
 from tunesmith.train.eval_hook import EvaluateChat
 from tunesmith.train.failures import nan_error, oom_error
 from tunesmith.train.loss import CausalLMLoss
-from tunesmith.train.memory import (
-    card_budget,
-    longest_batch,
-    optimizer_state_bytes,
-    plan_activations,
-    planning_wanted,
-)
+from tunesmith.train.memory import fit_activations, longest_batch, planning_wanted
 from tunesmith.train.metrics import MetricsWriter, ProgressBar
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
 from tunesmith.train.setup import (
@@ -61,7 +55,7 @@ from tunesmith.train.setup import (
     seed_everything,
 )
 from tunesmith.train.state import Position, load_trainable_weights, restore_rng, restore_run, save_run
-from tunesmith.train.step import DDPBackend, DeepSpeedBackend, LocalBackend, TrainStep, probe_step
+from tunesmith.train.step import DDPBackend, DeepSpeedBackend, LocalBackend, TrainStep
 
 
 @dataclass
@@ -154,10 +148,9 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     activation_plan = None
     if planning_wanted(fast, t.gradient_checkpointing):
         printer("fitting the compiled layers' activations into the GPU (a few compiled probe steps) ...")
-        still_to_come = optimizer_state_bytes(params, t.optimizer, deepspeed_stage=stage, world_size=env.world_size)
-        plan = plan_activations(model, probe_step(module, precision, env.device),
-                                longest_batch(data.dataset, data.loader_for(0)),
-                                card_budget(cfg.speed.memory_fraction, env.device, still_to_come))
+        plan = fit_activations(model, module, params, cfg, longest_batch(data.dataset, data.loader_for(0)),
+                               precision=precision, device=env.device, deepspeed_stage=stage,
+                               world_size=env.world_size)
         activation_plan = plan.describe()
         printer(activation_plan)
     if ds_config is not None:

@@ -18,6 +18,7 @@ import torch
 
 from tunesmith.models.fast import FastPaths
 from tunesmith.models.fast.checkpointing import ActivationPlan, fit_compiled_activations
+from tunesmith.train.step import probe_step
 
 GiB = 1024**3
 MARGIN = 0.97  # plans aim 3 % under the card's share (allocator rounding, kernels' workspaces)
@@ -57,6 +58,17 @@ def card_budget(memory_fraction: float, device: torch.device, reserved_bytes: in
     to come (the optimizer state)."""
     total = torch.cuda.get_device_properties(device).total_memory
     return MARGIN * memory_fraction * total - reserved_bytes
+
+
+def fit_activations(model: torch.nn.Module, module: torch.nn.Module, params: list[torch.nn.Parameter], cfg: Any,
+                    batch: dict[str, Any], *, precision: str, device: torch.device, deepspeed_stage: int = 0,
+                    world_size: int = 1) -> ActivationPlan:
+    """The activation plan of a run (``train`` and the bench alike): ``speed.memory_fraction`` of the card less the
+    optimizer state still to come, probed with the bare loss ``module`` on ``batch`` (the longest micro-batch)."""
+    still_to_come = optimizer_state_bytes(params, cfg.training.optimizer, deepspeed_stage=deepspeed_stage,
+                                          world_size=world_size)
+    return plan_activations(model, probe_step(module, precision, device), batch,
+                            card_budget(cfg.speed.memory_fraction, device, still_to_come))
 
 
 def plan_activations(model: torch.nn.Module, forward_backward: Callable[[dict[str, Any]], None],
