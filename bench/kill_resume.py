@@ -64,11 +64,9 @@ def environment(delay: float) -> dict[str, str]:
 
 
 def logged_steps(work: Path) -> int:
-    try:
-        return max((json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()
-                    if line.endswith("}")), default=0)
-    except OSError:
-        return 0
+    from tunesmith.train.metrics import read_metrics
+
+    return max((r["step"] for r in read_metrics(work / "metrics.jsonl")), default=0)
 
 
 def weights(work: Path, step: int) -> dict:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.train.metrics import read_metrics
 
 DEFAULT_ROWS = ("plain lora; train lora; train lora @plain; "
                 "plain qlora; train qlora; train qlora @8 training.optimizer=adamw_8bit; "
@@ -243,14 +244,14 @@ class EndToEnd:
             deadline = time.perf_counter() + timeout
             records: list[dict] = []
             while True:
-                records = _records(metrics)
+                records = read_metrics(metrics)
                 if len(records) >= self.o.steps or proc.poll() is not None or time.perf_counter() > deadline:
                     break
                 time.sleep(0.5)
             if proc.poll() is None:  # the steps are logged: the final save and evaluation are not the subject
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        records = _records(metrics)
+        records = read_metrics(metrics)
         if not records:
             raise RuntimeError(f"tunesmith train logged no step (exit {proc.returncode}): {_tail(log)}")
         res.steps = [float(r["tokens_per_s"]) for r in records]
@@ -267,18 +268,6 @@ class EndToEnd:
             tmp = self.o.json_out + ".tmp"
             Path(tmp).write_text(json.dumps(payload, indent=1))
             os.replace(tmp, self.o.json_out)
-
-
-def _records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line being written
-            continue
-    return out
 
 
 def _tail(path: Path, n: int = 400) -> str:

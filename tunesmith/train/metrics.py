@@ -14,6 +14,20 @@ from typing import Any
 from tunesmith.files import atomic_path
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none when it is not there), without a last line a kill cut short or a
+    writer has not finished."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 class MetricsWriter:
     def __init__(self, work_dir: Path, *, enabled: bool = True, tensorboard: bool = True, plot: bool = True,
                  resume_step: int | None = None):
@@ -38,15 +52,7 @@ class MetricsWriter:
                 self.tb = None
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by a kill
-                continue
-        return out
+        return read_metrics(self.path)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
