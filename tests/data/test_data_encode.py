@@ -12,10 +12,8 @@ from tunesmith.data.encode import (
     encode_conversation,
     encode_prompt,
     encode_records,
-    render_conversation,
-    render_prompt_text,
-    tokenizer_info,
 )
+from tunesmith.data.render import render_conversation, render_prompt_text, tokenizer_info
 from tunesmith.data.stopwords import cut_at_stop, stop_words_for
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -67,7 +65,7 @@ def test_smollm2_named_chatml_equals_apply_chat_template(smol_tok, name, system,
 
 
 def test_default_system_is_adopted_only_by_a_matching_layout(smol_tok, qwen_tok):
-    from tunesmith.data.encode import tokenizer_default_system
+    from tunesmith.data.render import tokenizer_default_system
     from tunesmith.data.templates import get_template
 
     assert tokenizer_default_system(smol_tok, get_template("chatml")) == SMOL_DEFAULT_SYSTEM

@@ -147,7 +147,7 @@ def test_jinja_export_through_transformers(smol_tok):
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == t.render_prompt([Turn("hi", "yo"), Turn("more", "")], system="S")
     # with the model's default system prompt the export renders exactly like SmolLM2's own template
-    from tunesmith.data.encode import tokenizer_default_system
+    from tunesmith.data.render import tokenizer_default_system
 
     tok.chat_template = chat_template_jinja(t, default_system=tokenizer_default_system(smol_tok, t))
     for m in (msgs, msgs[1:], msgs[1:3]):

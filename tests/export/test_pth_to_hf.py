@@ -79,7 +79,7 @@ def test_tokenizer_renders_the_training_template(bases, lora_ckpt, tmp_path):
     from transformers import AutoTokenizer
 
     from tunesmith.data import Turn
-    from tunesmith.data.encode import render_prompt_text
+    from tunesmith.data.render import render_prompt_text
     from tunesmith.models import load_tokenizer
 
     config, ckpt, _ = lora_ckpt
@@ -235,7 +235,7 @@ def test_end_to_end_train_convert_merge(tmp_path, bases):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data import Turn
-    from tunesmith.data.encode import render_prompt_text
+    from tunesmith.data.render import render_prompt_text
     from tunesmith.models import load_tokenizer
 
     assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) - reference).abs().max() < 1e-5

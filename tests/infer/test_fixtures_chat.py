@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tunesmith.data.conversation import Turn
-from tunesmith.data.encode import render_prompt_text
+from tunesmith.data.render import render_prompt_text
 from tunesmith.infer.api import load_for_chat
 from tunesmith.infer.generate import Generator
 from tunesmith.infer.plugins import MossPlugins, plugin_system_text

@@ -2,7 +2,7 @@
 
 Entry points: `build_train_dataset(cfg, tokenizer) -> (dataset, stats)` and
 `make_dataloader(dataset, cfg, *, seed, epoch, rank=0, world_size=1, start_index=0)`; the modules' docstrings
-document the rest (conversation, readers, templates, encode, pack, dataset, convert, check).
+document the rest (conversation, readers, templates, render, encode, pack, dataset, convert, check).
 Imports are lazy so `import tunesmith.data` stays light (no torch until needed).
 """
 
@@ -28,7 +28,7 @@ _LAZY = {
     "make_dataloader": "tunesmith.data.pack",
     "encode_conversation": "tunesmith.data.encode",
     "encode_prompt": "tunesmith.data.encode",
-    "render_prompt_text": "tunesmith.data.encode",
+    "render_prompt_text": "tunesmith.data.render",
     "stop_words_for": "tunesmith.data.stopwords",
     "cut_at_stop": "tunesmith.data.stopwords",
     "IGNORE_INDEX": "tunesmith.data.encode",

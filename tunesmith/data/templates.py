@@ -9,14 +9,14 @@ A `Template` holds SYSTEM, INSTRUCTION (placeholders `{system}`, `{input}`, `{ro
 
 Public API:
 - `get_template(name) -> Template`, `template_names()`; `"auto"` (AUTO) means the tokenizer's own Jinja
-  chat template and is handled by `tunesmith.data.encode` (it needs the tokenizer).
+  chat template and is handled by `tunesmith.data.render` (it needs the tokenizer).
 - `get_system_template(name) -> str`, `SYSTEM_TEMPLATES`, `system_template_names()`.
 - `Template.segments(turns, bos=..., eos=..., bot_name=...) -> [(text, with_loss)]` (training layout),
   `Template.render(turns, ...) -> str`, `Template.render_prompt(turns, system=None, bot_name=...) -> str`
   (the prompt asking for the LAST turn's output: chat / eval / serve), `chat_template_jinja(template, add_bos)`
   (a Jinja chat_template rendering the same text, for exported tokenizers).
 
-`Template` itself renders exactly what it is given. With a tokenizer (tunesmith.data.encode), a named template
+`Template` itself renders exactly what it is given. With a tokenizer (tunesmith.data.render), a named template
 whose layout equals the model's own chat template also adopts the default system prompt that template
 injects when a conversation has none (SmolLM2, Qwen2), so both render token-identical text with or without
 a system prompt; a named template of another layout keeps XTuner's rule (no system text, no SYSTEM block).
@@ -74,7 +74,7 @@ class Template:
         """The training layout as Segment(text, with_loss, turn) pieces; `bos` / `eos` are the tokenizer's token strings
         ("" when it has none). With prompt_only the last turn stops after its instruction (generation prompt)."""
         if self.is_auto:
-            raise ValueError("the auto template renders through the tokenizer (tunesmith.data.encode)")
+            raise ValueError("the auto template renders through the tokenizer (tunesmith.data.render)")
         out: list[Segment] = []
         next_bos = True
         last = len(turns) - 1
@@ -272,7 +272,7 @@ def chat_template_jinja(template: Template | str, *, add_bos: bool = False, defa
     turn, and assistant messages before the first user message are skipped. A conversation ending with user /
     tool messages renders as the generation prompt (XTuner's INSTRUCTION already ends with the assistant
     header). `default_system` is used when the conversation has no system message (see
-    encode.tokenizer_default_system)."""
+    render.tokenizer_default_system)."""
     t = get_template(template) if isinstance(template, str) else template
     if t.is_auto:
         raise ValueError("the auto template is the tokenizer's own chat_template already")

@@ -162,7 +162,7 @@ def _base_model_id(path: str) -> str:
 # ------------------------------------------------------------------------------------------ tokenizer
 def chat_template_for(tokenizer, cfg) -> str | None:
     """The Jinja chat template rendering the training template (None: keep the tokenizer's own, for 'auto')."""
-    from tunesmith.data.encode import tokenizer_default_system, tokenizer_info
+    from tunesmith.data.render import tokenizer_default_system, tokenizer_info
     from tunesmith.data.templates import (
         chat_template_jinja,
         get_template,

@@ -38,8 +38,8 @@ from dataclasses import replace
 import torch
 
 from tunesmith.data.conversation import Turn
-from tunesmith.data.encode import render_prompt_text
 from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
+from tunesmith.data.render import render_prompt_text
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.generate import Generator
 from tunesmith.infer.model_kind import cache_kwarg, unwrap_model

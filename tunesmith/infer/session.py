@@ -3,7 +3,7 @@
 XTuner keeps the history as a string, decodes the whole output after each reply and encodes it again, which
 changes the tokens the model saw (and could duplicate BOS). Here the ids of a reply are exactly the ids the
 model produced; only the new text around them (the end of the reply's turn: SUFFIX / EOS / SEP, and the next
-instruction) is tokenised. That text comes from the same renderer as training (`tunesmith.data.encode`), as the
+instruction) is tokenised. That text comes from the same renderer as training (`tunesmith.data.render`), as the
 difference between the rendering of the conversation before and after the new turn, so turn 2's prompt equals
 the template's rendering of the whole conversation.
 
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from tunesmith.data.conversation import Turn
-from tunesmith.data.encode import render_prompt_text
+from tunesmith.data.render import render_prompt_text
 from tunesmith.data.stopwords import stop_words_for
 from tunesmith.data.templates import Template, get_template
 from tunesmith.errors import TunesmithError
