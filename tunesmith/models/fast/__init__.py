@@ -104,7 +104,7 @@ class FastPaths:
         if self.packed_attention:
             attention += " (packed samples kept apart)"
         if self.compiled:
-            layers = f"compiled layers {self.counts.get('compiled_layers', 0)}"
+            layers = f"compiled layers {self.compiled_layers}"
             if self.counts.get("compiled_nf4_linears"):
                 layers += f" (NF4 dequantized in-graph for {self.counts['compiled_nf4_linears']} linears)"
         else:

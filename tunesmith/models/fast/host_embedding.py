@@ -31,9 +31,13 @@ class HostEmbedding(nn.Embedding):
         return rows.to(self.output_device, non_blocking=True)
 
 
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def host_embedding_possible(model: nn.Module) -> bool:
     """The input embedding is a plain, frozen ``nn.Embedding`` that does not share its table with the head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(embed) is not nn.Embedding or embed.weight.requires_grad:
@@ -45,15 +49,8 @@ def move_embeddings_to_host(model: nn.Module, device: torch.device) -> bool:
     """Keep the input embedding's table on the CPU, its output on ``device``; returns whether it was done."""
     if not host_embedding_possible(model):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embed = base.get_input_embeddings()
+    embed = _base(model).get_input_embeddings()
     embed.weight.data = embed.weight.data.to("cpu")
     embed.__class__ = HostEmbedding
     embed.output_device = torch.device(device)
     return True
-
-
-def is_on_host(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    return isinstance(embed, HostEmbedding)
