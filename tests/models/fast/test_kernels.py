@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.models.fast.helpers import (
-    assert_close_dicts,
+    assert_same_loss_and_grads,
     check_against_fp32,
     gpu_batch,
     gpu_models,
-    grads,
     lora,
     needs_cuda,
     packed_batch,
@@ -23,7 +22,6 @@ from tests.models.fast.helpers import (
 from tunesmith.errors import TunesmithError
 from tunesmith.models.fast import (
     apply_liger_kernels,
-    model_loss_sum,
 )
 
 
@@ -97,12 +95,7 @@ def test_liger_swap_mechanics_with_a_stand_in_liger(monkeypatch):
     assert isinstance(layer.input_layernorm, StandInRMSNorm) and isinstance(layer.mlp, kernels.LigerSwiGLU)
     assert type(layer.mlp.gate_proj).__name__ == "Linear" and hasattr(layer.mlp.gate_proj, "lora_A")
     assert set(fast.state_dict()) == keys
-    loss_ref, _ = model_loss_sum(ref, batch, chunked=False)
-    loss_ref.backward()
-    loss, _ = model_loss_sum(fast, batch, chunked=False)
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6)
-    assert_close_dicts(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+    assert_same_loss_and_grads(fast, ref, batch)
 
 
 @pytest.mark.gpu
