@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.data.conversation import RecordError, SkipRecord, Turn
+from tunesmith.data.fields import as_bool, need, nonempty_list, text_field
 from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
 from tunesmith.data.msagent import msagent_react_map_fn
 from tunesmith.data.sources import RawRecord, iter_raw  # noqa: F401  (RawRecord: re-exported)
@@ -50,51 +51,10 @@ class ReadStats:
 
 
 # ------------------------------------------------------------------------------------------- formats
-def _need(rec: Any, *keys: str) -> None:
-    if not isinstance(rec, dict):
-        raise RecordError(f"expected a JSON object with {', '.join(repr(k) for k in keys)}, "
-                          f"got {type(rec).__name__}")
-    missing = [k for k in keys if k not in rec]
-    if missing:
-        found = ", ".join(repr(k) for k in rec) or "none"
-        raise RecordError(f"missing column {', '.join(repr(k) for k in missing)} (columns found: {found})")
-
-
-def _nonempty_list(value: Any, key: str, shape: str) -> list:
-    """The record's list of turns / messages, or a RecordError saying what it should look like."""
-    if not isinstance(value, list) or not value:
-        raise RecordError(f"{key!r} must be a non-empty list of {shape}")
-    return value
-
-
-def _text(rec: dict, key: str, *, allow_empty: bool = False) -> str:
-    value = rec.get(key, "")
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        else:
-            raise RecordError(f"{key!r} must be text, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RecordError(f"empty or whitespace-only {key!r}")
-    return value
-
-
-def _as_bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    if isinstance(value, int):
-        return bool(value)
-    raise RecordError(f"{key!r} must be true or false, got {value!r}")
-
-
 def conversation_map_fn(rec: Any) -> list[Turn]:
     """XTuner's own format: `{"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]}`."""
-    _need(rec, "conversation")
-    conv = _nonempty_list(rec["conversation"], "conversation", "{input, output} turns")
+    need(rec, "conversation")
+    conv = nonempty_list(rec["conversation"], "conversation", "{input, output} turns")
     turns = []
     for i, t in enumerate(conv):
         if not isinstance(t, dict):
@@ -102,12 +62,12 @@ def conversation_map_fn(rec: Any) -> list[Turn]:
         if "output" not in t:
             raise RecordError(f"turn {i + 1}: missing 'output' (keys found: {', '.join(map(repr, t)) or 'none'})")
         try:
-            output = _text(t, "output")
-            inp = _text(t, "input", allow_empty=True)
-            system = _text(t, "system", allow_empty=True)
+            output = text_field(t, "output")
+            inp = text_field(t, "input", allow_empty=True)
+            system = text_field(t, "system", allow_empty=True)
         except RecordError as exc:
             raise RecordError(f"turn {i + 1}: {exc}") from None
-        loss = _as_bool(t.get("output_with_loss", True), "output_with_loss")
+        loss = as_bool(t.get("output_with_loss", True), "output_with_loss")
         turns.append(Turn(inp, output, system, loss))
     return turns
 
@@ -118,8 +78,8 @@ _OASST_MARK = re.compile(r"###\s*(Human|Assistant)\s*:")
 def oasst1_map_fn(rec: Any) -> list[Turn]:
     """openassistant-guanaco text: `### Human: ... ### Assistant: ...`. Only the role markers split it (a `###`
     heading inside a reply stays in the reply); a trailing unanswered Human turn is dropped."""
-    _need(rec, "text")
-    text = _text(rec, "text")
+    need(rec, "text")
+    text = text_field(rec, "text")
     marks = list(_OASST_MARK.finditer(text))
     if not marks:
         raise RecordError("no '### Human:' / '### Assistant:' markers in 'text'")
@@ -144,12 +104,12 @@ def oasst1_map_fn(rec: Any) -> list[Turn]:
 
 def alpaca_map_fn(rec: Any, suffix: str = "", system: str = "") -> list[Turn]:
     ins, inp, out = f"instruction{suffix}", f"input{suffix}", f"output{suffix}"
-    _need(rec, ins, out)
-    instruction = _text(rec, ins)
-    output = _text(rec, out)
+    need(rec, ins, out)
+    instruction = text_field(rec, ins)
+    output = text_field(rec, out)
     if output.strip() == "<nooutput>":
         raise SkipRecord("alpaca <nooutput>")
-    extra = _text(rec, inp, allow_empty=True) if inp in rec else ""
+    extra = text_field(rec, inp, allow_empty=True) if inp in rec else ""
     prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
     return [Turn(prompt, output, system)]
 
@@ -163,26 +123,26 @@ def medical_map_fn(rec: Any) -> list[Turn]:
 
 
 def code_alpaca_map_fn(rec: Any) -> list[Turn]:
-    _need(rec, "prompt", "completion")
-    return [Turn(_text(rec, "prompt"), _text(rec, "completion"), SYSTEM_TEMPLATES["coder"])]
+    need(rec, "prompt", "completion")
+    return [Turn(text_field(rec, "prompt"), text_field(rec, "completion"), SYSTEM_TEMPLATES["coder"])]
 
 
 def default_map_fn(rec: Any) -> list[Turn]:
-    _need(rec, "input", "output")
-    return [Turn(_text(rec, "input"), _text(rec, "output"))]
+    need(rec, "input", "output")
+    return [Turn(text_field(rec, "input"), text_field(rec, "output"))]
 
 
 def pretrain_map_fn(rec: Any) -> list[Turn]:
-    _need(rec, "text")
-    return [Turn("", _text(rec, "text").strip())]
+    need(rec, "text")
+    return [Turn("", text_field(rec, "text").strip())]
 
 
 def openai_map_fn(rec: Any) -> list[Turn]:
     """`{"messages": [{"role", "content", "loss"?}]}` or a bare list of messages; roles system, user,
     assistant, tool (a tool result is prompt text of the next turn, never trained on)."""
     if isinstance(rec, dict):
-        _need(rec, "messages")
-    msgs = _nonempty_list(rec["messages"] if isinstance(rec, dict) else rec, "messages", "{role, content}")
+        need(rec, "messages")
+    msgs = nonempty_list(rec["messages"] if isinstance(rec, dict) else rec, "messages", "{role, content}")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m:
@@ -190,14 +150,14 @@ def openai_map_fn(rec: Any) -> list[Turn]:
         role = normalize_role(m["role"])
         if role is None:
             raise RecordError(f"message {i + 1}: unknown role {m['role']!r} (use system, user, assistant or tool)")
-        out.append((role, message_content(m, i), _as_bool(m.get("loss", True), "loss")))
+        out.append((role, message_content(m, i), as_bool(m.get("loss", True), "loss")))
     return messages_to_turns(out)
 
 
 def sharegpt_map_fn(rec: Any) -> list[Turn]:
     """`{"conversations": [{"from": human|gpt|system|function_call|observation, "value"}], "system"?, "tools"?}`."""
-    _need(rec, "conversations")
-    conv = _nonempty_list(rec["conversations"], "conversations", "{from, value}")
+    need(rec, "conversations")
+    conv = nonempty_list(rec["conversations"], "conversations", "{from, value}")
     out = []
     system = rec.get("system") or ""
     if rec.get("tools"):
