@@ -28,6 +28,7 @@ from tunesmith.data.messages import message_content, messages_to_turns, normaliz
 from tunesmith.data.msagent import msagent_react_map_fn
 from tunesmith.data.sources import RawRecord, iter_raw  # noqa: F401  (RawRecord: re-exported)
 from tunesmith.data.templates import SYSTEM_TEMPLATES
+from tunesmith.data.xtuner_readers import XTUNER_FORMATS
 from tunesmith.errors import TunesmithError, unknown_name_error
 
 
@@ -203,6 +204,7 @@ _FORMATS = [
     DatasetFormat("pretrain", pretrain_map_fn, '{"text": ...} or .txt lines: plain text, loss on every token',
                   kind="text"),
 ]
+_FORMATS += [DatasetFormat(name, map_fn, description) for name, map_fn, description in XTUNER_FORMATS]
 FORMATS: dict[str, DatasetFormat] = {f.name: f for f in _FORMATS}
 FORMATS["wizardlm"] = DatasetFormat("wizardlm", sharegpt_map_fn, "alias of sharegpt (XTuner's wizardlm_map_fn)")
 
