@@ -48,6 +48,36 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def keep_4bit_differentiable(model: nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of a model that will train on bitsandbytes' differentiable matmul.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad repacks its weight in place, once,
+    for bitsandbytes' CPU inference kernel ``gemv_4bit``, and every later call takes that kernel, in train mode too:
+    bf16 arithmetic and no autograd formula, so the gradient to the layer's input is dropped (PyTorch warns "an
+    autograd kernel was not registered") and the LoRA gradients of every earlier layer come out wrong. The loop
+    answers its evaluation prompts in eval mode before step 1, so the repacking is switched off (bitsandbytes'
+    per-layer flag) and a weight repacked already is unpacked with bitsandbytes' own inverse (what its ``.cuda()``
+    does). Returns how many were unpacked. Checked against fp32 dequantized weights: test_qlora_cpu_grads.py.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # nothing is quantized
+        return 0
+    unpacked = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # versions without the CPU repacking lack the flag
+            module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            unpacked += 1
+    return unpacked
+
+
 def _is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)) or (
         getattr(model, "hf_quantizer", None) is not None
@@ -66,6 +96,7 @@ def enable_checkpointing(model: nn.Module) -> None:
 def prepare_for_training(model: nn.Module, cfg) -> nn.Module:
     """Make `model` trainable for cfg.method ('qlora' | 'lora' | 'full'); returns the model to train.
 
+    - 4-bit layers kept on bitsandbytes' differentiable matmul (:func:`keep_4bit_differentiable`).
     - qlora / lora: every base weight frozen, LoRA (cfg.lora) on all linear layers except the head (or
       cfg.lora.target_modules), adapters in fp32. Unlike peft's prepare_model_for_kbit_training we do not
       upcast the frozen embeddings, norms and head to fp32: frozen weights get no optimizer update, RMSNorm
@@ -81,6 +112,7 @@ def prepare_for_training(model: nn.Module, cfg) -> nn.Module:
         # the config checks refuse this combination; reaching here means a caller bypassed them
         raise ValueError("full fine-tuning needs an unquantized model (load it without bits)")
     model.config.use_cache = False
+    keep_4bit_differentiable(model)
     for p in model.parameters():
         p.requires_grad_(method == "full")
     if cfg.training.gradient_checkpointing:
