@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
 from tunesmith.errors import TunesmithError
+
+# peft imports bitsandbytes whenever it is installed (peft/helpers.py), so every run that uses peft, plain LoRA
+# included, imports it. On a CPU with AVX512-BF16, bitsandbytes then logs at import that it could not fetch an
+# optional CPU 4-bit matmul from the Hugging Face hub through the `kernels` package. Harmless: it falls back to
+# the kernel it ships, which serves only 4-bit inference (training keeps its own differentiable matmul, see
+# models/lora.py keep_4bit_differentiable), and tunesmith would not download kernel code at run time anyway.
+# That one message is dropped; everything else bitsandbytes logs is kept.
+KERNELS_HUB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropKernelsHubNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(KERNELS_HUB_NOTICE)
+
+
+_bnb_cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger bitsandbytes logs it to
+if not any(isinstance(f, _DropKernelsHubNotice) for f in _bnb_cpu_log.filters):
+    _bnb_cpu_log.addFilter(_DropKernelsHubNotice())
 
 _NAMES = {
     "bf16": torch.bfloat16,
