@@ -1,4 +1,8 @@
-"""Turn what a user typed as a model (folder, .gguf file, builtin: name, hub id) into a local HF folder."""
+"""Turn what a user typed as a model (folder, .gguf file, builtin: name, hub id) into a local HF folder.
+
+A hub id (``owner/name``) is looked up on Hugging Face, then on ModelScope when the `modelscope` package is
+installed (as ``data.path`` hub ids are); a copy either hub has cached is used without going online.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ def read_config(folder: Path) -> dict:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A local HF model folder for `name_or_path`; GGUF files and builtin: models are materialised once."""
+    """A local HF model folder for `name_or_path`; GGUF files and builtin: models are materialised once, hub ids
+    (Hugging Face, or ModelScope with the `modelscope` package) downloaded once into that hub's cache."""
     text = str(name_or_path)
     if text.startswith(BUILTIN_PREFIX):
         from tunesmith.models.builtin import materialise_builtin
@@ -77,7 +82,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     if _HUB_ID.match(text) and not text.startswith("."):
         return _from_hub(text)
     raise TunesmithError(f"model path {text} does not exist",
-                         "pass a local model folder, a .gguf file, a hub id or builtin:smollm2-135m-instruct "
+                         "pass a local model folder, a .gguf file, a hub id (Hugging Face or ModelScope) or "
+                         "builtin:smollm2-135m-instruct "
                          "(in a training config: model.path)")
 
 
@@ -103,27 +109,65 @@ def _check_folder(folder: Path) -> Path:
     )
 
 
+# what a model folder needs from a hub repo (.bin weights are fetched only for repos without safetensors)
+_HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py")
+
+
+def _snapshot(download, repo_id: str) -> Path:
+    """``repo_id`` through one hub's ``snapshot_download`` (huggingface_hub's or modelscope's: the same arguments):
+    the cached copy when it holds weights, else a download."""
+    patterns = list(_HUB_PATTERNS)
+    try:
+        folder = Path(download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if weight_files(folder):
+            return folder
+    except Exception:  # noqa: BLE001 - not cached yet: go online below
+        pass
+    folder = Path(download(repo_id, allow_patterns=patterns))
+    if not weight_files(folder):  # an old repo with .bin weights only (internlm-chat-7b)
+        folder = Path(download(repo_id, allow_patterns=[*patterns, "*.bin"]))
+    return folder
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
 def _from_hub(repo_id: str) -> Path:
-    """Download (or find in the HF cache) a hub model: config, tokenizer and safetensors only."""
+    """A hub model: Hugging Face first, then ModelScope when the `modelscope` package is installed (as data.path
+    hub ids: tunesmith/data/sources.py)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a transformers dependency
         raise TunesmithError(f"model path {repo_id} does not exist", "check the path") from None
-    patterns = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
     try:
-        try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-            if weight_files(folder):
-                return _check_folder(folder)
-        except Exception:  # noqa: BLE001 - not cached yet: go online below
-            pass
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if not weight_files(folder):  # an old repo with .bin weights only
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "*.bin"]))
-    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo ...
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise TunesmithError(
-            f"model path {repo_id} does not exist locally and could not be fetched from the Hugging Face hub ({first})",
-            "check the path, or go online / run `huggingface-cli login` for a hub model",
-        ) from None
+        folder = _snapshot(snapshot_download, repo_id)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo (a ModelScope id), gated repo ...
+        folder = _from_modelscope(repo_id, hf_error=_first_line(exc))
     return _check_folder(folder)
+
+
+def _from_modelscope(repo_id: str, *, hf_error: str) -> Path:
+    """``repo_id`` from ModelScope (e.g. Shanghai_AI_Laboratory/internlm-chat-7b, as XTuner's tutorial downloads
+    it); a TunesmithError naming both hubs' failures when that does not work either."""
+    local = f"./{repo_id.rsplit('/', 1)[-1]}"
+    download_once = (f"download it once (`modelscope download --model {repo_id} --local_dir {local}`, or "
+                     f"`huggingface-cli download {repo_id} --local-dir {local}`) and pass {local} as the model")
+    what = (f"model path {repo_id} does not exist locally and could not be fetched from the Hugging Face hub "
+            f"({hf_error})")
+    try:
+        from modelscope import snapshot_download  # type: ignore[import-not-found]
+    except ImportError:
+        raise TunesmithError(
+            f"{what}; ModelScope was not tried: the modelscope package is not installed",
+            f"check the path; for a ModelScope model pip install modelscope (or 'tunesmith[modelscope]'), or "
+            f"{download_once}; for a gated Hugging Face model run `huggingface-cli login`",
+        ) from None
+    try:
+        return _snapshot(snapshot_download, repo_id)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo ...
+        raise TunesmithError(
+            f"{what} or from ModelScope ({_first_line(exc)})",
+            f"check the path; offline, {download_once}; for a gated Hugging Face model run `huggingface-cli login`",
+        ) from None
