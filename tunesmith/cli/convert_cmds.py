@@ -1,4 +1,5 @@
-"""`convert pth_to_hf`, `convert merge`, `convert split`: parse, call tunesmith.export, print."""
+"""`convert pth_to_hf`, `convert merge`, `convert split`: parse, call tunesmith.export, print.
+`convert xtuner-config`: parse, call tunesmith.config.xtuner, print."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from tunesmith.progress import callback_bar
 
 convert_app = typer.Typer(
     name="convert",
-    help="Turn checkpoints into Hugging Face folders: pth_to_hf, merge (adapter into base), split.",
+    help="Turn checkpoints into Hugging Face folders: pth_to_hf, merge (adapter into base), split; "
+    "xtuner-config turns an XTuner .py config into a tunesmith YAML config.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -124,6 +126,48 @@ def split_cmd(
         result = split_checkpoint(src, dst, overwrite=overwrite, progress=progress)
     kind = "safetensors" if result.safe else ".bin"
     typer.echo(f"wrote {result.shards} {kind} shards ({format_size(result.total_bytes)}) to {result.save_dir}")
+
+
+XTUNER_CONFIG_HELP = """Turn an XTuner 0.x Python config into a complete tunesmith YAML config.
+
+The file is parsed, never run: nothing it imports or calls is executed. Read are the settings of its PART 1
+(pretrained_model_name_or_path, data_path, prompt_template, max_length, pack_to_max_length, batch_size,
+accumulative_counts, lr, betas, weight_decay, max_norm, max_epochs, warmup_ratio, evaluation_freq,
+evaluation_inputs, SYSTEM, save_steps, save_total_limit), arithmetic and names between them included, and from
+the structures below it: the method (qlora with a 4/8-bit BitsAndBytesConfig, lora with a LoraConfig, else full),
+the LoRA r / alpha / dropout, the data format (dataset_map_fn=oasst1_map_fn -> oasst1), the optimizer and the
+warm-up. What the file does not say, or says in a way that needs running it, comes from the closest built-in
+recipe; each such setting is listed as a note, on screen and at the top of OUT.
+
+\b
+Example:
+  tunesmith convert xtuner-config ./internlm_chat_7b_qlora_oasst1_e3_copy.py ./internlm_chat_7b_qlora_oasst1_e3.yaml
+  tunesmith train ./internlm_chat_7b_qlora_oasst1_e3.yaml
+"""
+
+
+@convert_app.command("xtuner-config", help=XTUNER_CONFIG_HELP)
+def xtuner_config_cmd(
+    src: Path = typer.Argument(..., help="The XTuner config (.py), e.g. one written by `xtuner copy-cfg`."),
+    out: Path = typer.Argument(..., help="The tunesmith config to write (.yaml)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    from tunesmith.config.xtuner import convert_xtuner_file
+    from tunesmith.data.readers import format_names
+    from tunesmith.data.templates import system_template_names, template_names
+
+    result = convert_xtuner_file(src, out, overwrite=overwrite, formats=format_names(), templates=template_names(),
+                                 system_templates=system_template_names())
+    typer.echo(f"read from {src} (the rest from the built-in recipe {result.recipe}):")
+    width = max((len(r.key) for r in result.read), default=0)
+    for reading in result.read:
+        typer.echo(f"  {reading.key:<{width}}  {reading.shown}   <- {reading.origin}")
+    if result.notes:
+        typer.echo("notes:")
+        for note in result.notes:
+            typer.echo(f"  - {note}")
+    typer.echo(f"wrote {out}")
+    typer.echo(f"next: tunesmith train {out}")
 
 
 def register(app: typer.Typer) -> None:

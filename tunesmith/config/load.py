@@ -60,6 +60,13 @@ def validate(data: dict[str, Any], source: str) -> TrainConfig:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.suffix == ".py":
+        out = path.with_suffix(".yaml")
+        raise TunesmithError(
+            f"{path} is an XTuner Python config: tunesmith reads YAML configs and never runs a config's code",
+            f"convert it with `tunesmith convert xtuner-config {path} {out}`, then `tunesmith train {out}` "
+            "(or start from a built-in recipe: `tunesmith copy-cfg NAME .`)",
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -82,7 +89,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     """Load a YAML file or a built-in recipe name, apply the overrides, validate once. Returns (config, stem for
     the default work dir)."""
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    if path.suffix in {".yaml", ".yml", ".py"} or path.exists():
         if not path.is_file():
             raise TunesmithError(
                 f"config file {path} does not exist",
