@@ -41,10 +41,10 @@ def test_oasst1_real_file_turn_counts():
     assert records[0].where.endswith("openassistant_best_replies_eval.jsonl:1") and records[0].line == 1
 
 
-def test_oasst1_heading_inside_a_reply_and_dangling_human():
+def test_oasst1_heading_inside_a_reply_cuts_it_as_xtuner_and_dangling_human():
     text = ("### Human: Write a README### Assistant: Sure:\n### Usage\nRun it.### Human: Thanks"
             "### Assistant: You're welcome.### Human: one more?")
-    assert oasst1_map_fn({"text": text}) == [Turn("Write a README", "Sure:\n### Usage\nRun it."),
+    assert oasst1_map_fn({"text": text}) == [Turn("Write a README", "Sure:"),
                                              Turn("Thanks", "You're welcome.")]
 
 
@@ -67,15 +67,15 @@ def test_alpaca_input_and_nooutput(tmp_path):
         {"instruction": "Say hi", "input": "", "output": "hi"},
         {"instruction": "Nothing", "input": "", "output": "<nooutput>"}])
     records, stats = read_records(path, "alpaca")
-    assert [r.turns[0] for r in records] == [Turn("Add\n1 and 2", "3"), Turn("Say hi", "hi")]
+    assert [r.turns[0] for r in records] == [Turn("Add\n1 and 2", "3"), Turn("Say hi\n", "hi")]
     assert stats.dropped == {"alpaca <nooutput>": 1}
     real, _ = read_records(shared_file("formats/alpaca/alpaca_en_demo.json"), "alpaca")
-    assert len(real) == 999 and sum("\n" in r.turns[0].input for r in real) >= 400
+    assert len(real) == 999 and all(r.turns[0].input.endswith("\n") or "\n" in r.turns[0].input for r in real)
 
 
 def test_alpaca_zh_medical_code_alpaca(tmp_path):
     zh = write_jsonl(tmp_path / "zh.jsonl", [{"instruction_zh": "问", "input_zh": "", "output_zh": "答"}])
-    assert read_records(zh, "alpaca_zh")[0][0].turns == (Turn("问", "答"),)
+    assert read_records(zh, "alpaca_zh")[0][0].turns == (Turn("问\n", "答"),)
     med = write_jsonl(tmp_path / "m.jsonl", [{"instruction": "头疼", "input": "", "output": "休息"}])
     assert read_records(med, "medical")[0][0].turns[0].system == "如果你是一名医生，请根据患者的描述回答医学问题。\n"
     code = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "sort", "completion": "sorted(x)"}])

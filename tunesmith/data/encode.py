@@ -43,7 +43,7 @@ from tunesmith.data.templates import Template, get_template
 from tunesmith.errors import TunesmithError
 
 IGNORE_INDEX = -100
-ENCODE_VERSION = 1  # bump when the encoding of the same inputs changes (invalidates caches)
+ENCODE_VERSION = 2  # bump when the encoding of the same inputs changes (invalidates caches)
 
 
 @dataclass(frozen=True)

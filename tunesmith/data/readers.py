@@ -77,8 +77,9 @@ _OASST_MARK = re.compile(r"###\s*(Human|Assistant)\s*:")
 
 
 def oasst1_map_fn(rec: Any) -> list[Turn]:
-    """openassistant-guanaco text: `### Human: ... ### Assistant: ...`. Only the role markers split it (a `###`
-    heading inside a reply stays in the reply); a trailing unanswered Human turn is dropped."""
+    """openassistant-guanaco text: `### Human: ... ### Assistant: ...`. As XTuner, a message ends at the next
+    `###` of any kind (a `### Usage` heading inside a reply cuts the reply there); a trailing unanswered Human
+    turn is dropped."""
     need(rec, "text")
     text = text_field(rec, "text")
     marks = list(_OASST_MARK.finditer(text))
@@ -87,7 +88,7 @@ def oasst1_map_fn(rec: Any) -> list[Turn]:
     pieces = []
     for i, m in enumerate(marks):
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        pieces.append((m.group(1), text[m.end():end].strip()))
+        pieces.append((m.group(1), text[m.end():end].split("###", 1)[0].strip()))
     turns: list[Turn] = []
     pending: list[str] = []
     for role, content in pieces:
@@ -111,8 +112,8 @@ def alpaca_map_fn(rec: Any, suffix: str = "", system: str = "") -> list[Turn]:
     if output.strip() == "<nooutput>":
         raise SkipRecord("alpaca <nooutput>")
     extra = text_field(rec, inp, allow_empty=True) if inp in rec else ""
-    prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
-    return [Turn(prompt, output, system)]
+    # XTuner joins them with "\n" even when the input is empty, so an instruction alone ends in "\n"
+    return [Turn(f"{instruction}\n{extra}", output, system)]
 
 
 def alpaca_zh_map_fn(rec: Any) -> list[Turn]:
