@@ -148,3 +148,23 @@ def test_package_entry_points():
     # importing the package (templates, conversation) does not pull in torch
     code = "import sys, tunesmith.data; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_max_dataset_length_takes_a_seeded_random_subset_in_file_order():
+    from tunesmith.data.conversation import Turn
+    from tunesmith.data.dataset import keep_random_subset
+    from tunesmith.data.readers import ReadStats, Record
+
+    records = [Record((Turn(f"q{i}", f"a{i}"),), f"f.jsonl:{i + 1}", i + 1) for i in range(50)]
+
+    def pick(seed):
+        stats = ReadStats(records_read=50, conversations=50)
+        kept = keep_random_subset(records, stats, 10, seed=seed)
+        assert stats.conversations == 10 and sum(stats.dropped.values()) == 40
+        return [r.line for r in kept]
+
+    first = pick(0)
+    assert len(first) == 10 and first == sorted(first) and first != list(range(1, 11))
+    assert pick(0) == first and pick(1) != first
+    assert keep_random_subset(records, ReadStats(), None, seed=0) == records
+    assert keep_random_subset(records, ReadStats(), 80, seed=0) == records

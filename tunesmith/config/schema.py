@@ -75,7 +75,8 @@ class DataSection(Section):
     max_length: int = Field(2048, ge=16, description="tokens per (packed) sample")
     pack_to_max_length: bool = Field(True, description="pack samples into max_length sequences")
     shuffle_before_pack: bool = Field(True, description="shuffle samples before packing")
-    max_dataset_length: int | None = Field(None, ge=1, description="use only the first N records")
+    max_dataset_length: int | None = Field(
+        None, ge=1, description="use a random N of the records, as XTuner (the same N for the same training.seed)")
     num_workers: int = Field(0, ge=0, description="data-loader worker processes")
     cache_dir: str | None = Field(None, description="where tokenized datasets are cached (default: ~/.cache/tunesmith)")
 

@@ -14,7 +14,8 @@ dropped with reasons, truncated, samples, packed sequences, pad fraction, tokens
 Cache: tokenized samples live in `<root>/<key>/samples.npz` (+ `stats.json`), no pickle; root is
 cfg.data.cache_dir, else `$TUNESMITH_CACHE/datasets`, else `~/.cache/tunesmith/datasets`. The key hashes the
 data files' bytes (or the hub id), the tokenizer (vocabulary, special tokens, chat template), the template,
-the format, the system prompt, max_length, max_dataset_length and ENCODE_VERSION. Packing is cheap and is
+the format, the system prompt, max_length, max_dataset_length (and the seed choosing that subset) and
+ENCODE_VERSION. Packing is cheap and is
 redone every run (it depends on the seed).
 """
 
@@ -23,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +121,7 @@ def cache_key(cfg: Any, tokenizer: Any) -> str:
         "v": ENCODE_VERSION, "data": data_fingerprint(d.path, d.name, d.split), "format": d.format,
         "template": repr(template), "system": resolve_system(d.system, d.system_template),
         "max_length": d.max_length, "max_dataset_length": d.max_dataset_length,
+        "subset_seed": cfg.training.seed if d.max_dataset_length else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -144,6 +148,19 @@ def _load(folder: Path) -> tuple[list[Encoded], dict[str, Any]] | None:
     return samples, meta
 
 
+def keep_random_subset(records: list, stats: Any, n: int | None, *, seed: int) -> list:
+    """XTuner's max_dataset_length: a random `n` of the conversations (not the first n), the same for the same
+    seed, kept in file order; the rest count as dropped in `stats`."""
+    if n is None or len(records) <= n:
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    kept = [records[i] for i in keep]
+    stats.dropped[f"beyond max_dataset_length (a random {n} kept)"] += len(records) - n
+    stats.conversations = len(kept)
+    stats.turns_histogram = Counter(len(r.turns) for r in kept)
+    return kept
+
+
 def validate_data_names(cfg: Any) -> None:
     """Fail fast (before loading a tokenizer or reading data) on unknown format / template / system names."""
     get_format(cfg.data.format)
@@ -167,7 +184,8 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
         stats.cache_hit, stats.cache_path = True, str(folder)
         stats.seconds = time.perf_counter() - start
         return samples, stats
-    records, rstats = read_records(d.path, fmt, name=d.name, split=d.split, max_records=d.max_dataset_length)
+    records, rstats = read_records(d.path, fmt, name=d.name, split=d.split)
+    records = keep_random_subset(records, rstats, d.max_dataset_length, seed=cfg.training.seed)
     convs = [with_default_system(r.turns, system) if fmt.kind == "chat" else r.turns for r in records]
     report = (lambda n: progress(n, len(convs))) if progress is not None else None
     samples, estats = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind,
