@@ -41,8 +41,9 @@ def register(app: typer.Typer) -> None:
         prompt_template: Optional[str] = typer.Option(
             None,
             "--prompt-template",
-            help="Template name (tunesmith list-template) or 'auto' (the tokenizer's own). Default: auto when the "
-            "tokenizer has a chat template, else raw text.",
+            help="Template name (tunesmith list-template) or 'auto' (the tokenizer's own). Default: with --adapter "
+            "the template (and system prompt) it was trained with; else auto when the tokenizer has a chat "
+            "template, else raw text.",
         ),
         system: Optional[str] = typer.Option(None, "--system", help="System prompt text."),
         system_template: Optional[str] = typer.Option(

@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         prompt_template: Optional[str] = typer.Option(
             None,
             "--prompt-template",
-            help="Template used in training (tunesmith list-template) or 'auto'. Default: auto when the tokenizer "
-            "has a chat template.",
+            help="Template used in training (tunesmith list-template) or 'auto'. Default: the adapter's training "
+            "template with --adapter, else auto when the tokenizer has a chat template.",
         ),
         data_format: str = typer.Option("auto", "--format", help="Reader name (list-dataset-format), or auto."),
         system: Optional[str] = typer.Option(None, "--system", help="System prompt for conversations without one."),

@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model folder, hub id, .gguf file or builtin:smollm2-135m-instruct."),
         adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder (from convert pth_to_hf)."),
         prompt_template: Optional[str] = typer.Option(
-            None, "--prompt-template", help="Template name (tunesmith list-template) or 'auto' (the tokenizer's)."),
+            None, "--prompt-template", help="Template name (tunesmith list-template) or 'auto' (the tokenizer's). "
+            "Default: the adapter's training template with --adapter, else auto."),
         system: Optional[str] = typer.Option(None, "--system", help="Default system prompt (a request's own wins)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless you say so)."),
         port: int = typer.Option(8000, "--port", help="TCP port."),
@@ -114,7 +115,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Model folder, hub id, .gguf file or builtin:smollm2-135m-instruct."),
         adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder (from convert pth_to_hf)."),
         prompt_template: Optional[str] = typer.Option(
-            None, "--prompt-template", help="Template name (tunesmith list-template) or 'auto' (the tokenizer's)."),
+            None, "--prompt-template", help="Template name (tunesmith list-template) or 'auto' (the tokenizer's). "
+            "Default: the adapter's training template with --adapter, else auto."),
         system: Optional[str] = typer.Option(None, "--system", help="Initial text of the system prompt box."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless you say so)."),
         port: int = typer.Option(7860, "--port", help="TCP port."),

@@ -19,7 +19,7 @@ import numpy as np
 from tunesmith.data.conversation import with_default_system
 from tunesmith.data.encode import IGNORE_INDEX, encode_records
 from tunesmith.data.readers import Problem, ReadStats, check_records, get_format
-from tunesmith.data.templates import get_template, resolve_system
+from tunesmith.data.templates import data_template, resolve_system
 
 SHOW_CHOICES = ("text", "masked_text", "input_ids", "labels", "all")
 
@@ -84,7 +84,7 @@ class CheckReport:
 def check_dataset(cfg: Any, tokenizer: Any = None) -> CheckReport:
     d = cfg.data
     fmt = get_format(d.format)
-    template = get_template(d.prompt_template)
+    template = data_template(d)
     system = resolve_system(d.system, d.system_template)
     records, stats, problems = check_records(d.path, fmt, name=d.name, split=d.split)
     report = CheckReport(d.path, fmt.name, stats, problems, d.max_length)

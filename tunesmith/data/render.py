@@ -162,6 +162,8 @@ def tokenizer_default_system(tokenizer: Any, template: Template) -> str:
 
     A named template that matches the model's own layout thus renders token-identical text with or without
     a system prompt (SPEC §4); a named template of another layout keeps XTuner's rule (no system, no block)."""
+    if not template.adopt_model_system:
+        return ""
     memo = getattr(tokenizer, "_tunesmith_default_system", None)
     if memo is None:
         memo = {}

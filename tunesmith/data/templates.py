@@ -8,8 +8,9 @@ A `Template` holds SYSTEM, INSTRUCTION (placeholders `{system}`, `{input}`, `{ro
     turn n: ([BOS] if turn n-1 ended with EOS) INSTRUCTION  [output SUFFIX (EOS)]  SEP
 
 Public API:
-- `get_template(name) -> Template`, `template_names()`; `"auto"` (AUTO) means the tokenizer's own Jinja
-  chat template and is handled by `tunesmith.data.render` (it needs the tokenizer).
+- `get_template(name, model_default_system=True) -> Template`, `data_template(cfg.data)`, `template_names()`;
+  `"auto"` (AUTO) means the tokenizer's own Jinja chat template and is handled by `tunesmith.data.render`
+  (it needs the tokenizer).
 - `get_system_template(name) -> str`, `SYSTEM_TEMPLATES`, `system_template_names()`.
 - `Template.segments(turns, bos=..., eos=..., bot_name=...) -> [(text, with_loss)]` (training layout),
   `Template.render(turns, ...) -> str`, `Template.render_prompt(turns, system=None, bot_name=...) -> str`
@@ -20,6 +21,7 @@ Public API:
 whose layout equals the model's own chat template also adopts the default system prompt that template
 injects when a conversation has none (SmolLM2, Qwen2), so both render token-identical text with or without
 a system prompt; a named template of another layout keeps XTuner's rule (no system text, no SYSTEM block).
+`data.model_default_system: false` (Template.adopt_model_system) applies XTuner's rule to every template.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tunesmith.data.conversation import Turn
 from tunesmith.errors import unknown_name_error
@@ -57,6 +59,9 @@ class Template:
     suffix_as_eos: bool = False
     sep: str = ""
     stop_words: tuple[str, ...] = field(default_factory=tuple)
+    # Whether a conversation without a system prompt takes the model's default one (see
+    # tunesmith.data.render.tokenizer_default_system); False renders no system block, as XTuner does.
+    adopt_model_system: bool = True
 
     @property
     def is_auto(self) -> bool:
@@ -218,13 +223,21 @@ def template_names() -> list[str]:
     return [AUTO, *TEMPLATES]
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, *, model_default_system: bool = True) -> Template:
+    """The named template; `model_default_system=False` makes it render no system block where the conversation
+    has no system prompt (XTuner's rule) instead of the model's default one (config `data.model_default_system`)."""
     if name == AUTO:
         return AUTO_TEMPLATE
     try:
-        return TEMPLATES[name]
+        template = TEMPLATES[name]
     except KeyError:
         raise unknown_name_error("prompt template", name, template_names(), "list-template") from None
+    return template if model_default_system else replace(template, adopt_model_system=False)
+
+
+def data_template(data: Any) -> Template:
+    """The template a config's `data` section trains with (its name and its default-system rule)."""
+    return get_template(data.prompt_template, model_default_system=data.model_default_system)
 
 
 def system_template_names() -> list[str]:

@@ -101,7 +101,7 @@ def read_checkpoint_meta(pth: Path) -> dict[str, Any]:
 # What decides the adapter's shape and the prompt it was trained on. The rest (data path, steps, lr, ...) may
 # differ, so a config used with `--set data.path=... training.max_steps=...` at training time still converts.
 ADAPTER_KEYS = ("method", "model", "quantization", "lora", "data.prompt_template", "data.system",
-                "data.system_template")
+                "data.system_template", "data.model_default_system")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -118,6 +118,19 @@ def _adapter_settings(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in ADAPTER_KEYS)}
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the schema's defaults filled in, so that a key added to the schema after the
+    checkpoint was written compares as its default (a config that no longer validates is compared as written)."""
+    from pydantic import ValidationError
+
+    from tunesmith.config.schema import TrainConfig
+
+    try:
+        return TrainConfig.model_validate(saved).model_dump(mode="json")
+    except ValidationError:  # an older schema's config: compare what it says
+        return saved
+
+
 def check_config_matches(cfg, meta: dict[str, Any], config_name: str, pth: Path) -> None:
     """The config must describe the checkpoint's model: same method, base model, quantization, LoRA and
     template as the config saved in the checkpoint (training-only keys may differ)."""
@@ -132,7 +145,7 @@ def check_config_matches(cfg, meta: dict[str, Any], config_name: str, pth: Path)
                              f"{cfg.method!r}", hint)
     saved_file = pth / "config.yaml"
     if saved_file.is_file():
-        saved = _adapter_settings(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
+        saved = _adapter_settings(_with_defaults(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}))
         ours = _adapter_settings(cfg.model_dump(mode="json"))
         differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
         if differ:
@@ -165,17 +178,25 @@ def chat_template_for(tokenizer, cfg) -> str | None:
     from tunesmith.data.render import tokenizer_default_system, tokenizer_info
     from tunesmith.data.templates import (
         chat_template_jinja,
-        get_template,
+        data_template,
         resolve_system,
     )
 
-    template = get_template(cfg.data.prompt_template)
+    template = data_template(cfg.data)
     if template.is_auto:
         return None
     system = resolve_system(cfg.data.system, cfg.data.system_template)
     default = system or tokenizer_default_system(tokenizer, template)
     add_bos = bool(tokenizer_info(tokenizer).bos_text)
     return chat_template_jinja(template, add_bos=add_bos, default_system=default)
+
+
+def trained_prompt_record(cfg) -> dict[str, Any]:
+    """What chat / serve / eval need to render prompts as training did (read by tunesmith.infer.trained_prompt)."""
+    from tunesmith.data.templates import resolve_system
+
+    return {"template": cfg.data.prompt_template, "system": resolve_system(cfg.data.system, cfg.data.system_template),
+            "model_default_system": cfg.data.model_default_system}
 
 
 def save_tokenizer(cfg, dst: Path) -> None:
@@ -334,5 +355,6 @@ def pth_to_hf(
         (tmp / CONFIG_COPY).write_text(config_text, encoding="utf-8")
         (tmp / "tunesmith_meta.json").write_text(json.dumps(
             {"source": str(pth.resolve()), "epoch": meta.get("epoch"), "step": meta.get("step"),
-             "method": method, "config_hash": meta.get("config_hash")}, indent=2) + "\n", encoding="utf-8")
+             "method": method, "config_hash": meta.get("config_hash"), "prompt": trained_prompt_record(cfg)},
+            indent=2) + "\n", encoding="utf-8")
     return PthToHfResult(save_dir, kind, files, dtype, str(cfg.model.path))

@@ -110,9 +110,12 @@ class Chat:
         loaded=None,
     ):
         from tunesmith.data.templates import resolve_system
+        from tunesmith.infer.trained_prompt import choose_prompt
 
         if system and system_template:
             raise TunesmithError("give either --system or --system-template, not both")
+        template, system_text = choose_prompt(adapter, prompt_template,
+                                              resolve_system(system, system_template, bot_name=bot_name))
         self.model, self.tokenizer = loaded or load_for_chat(
             model, adapter=adapter, bits=bits, torch_dtype=torch_dtype, offload_folder=offload_folder,
             trust_remote_code=trust_remote_code,
@@ -120,7 +123,7 @@ class Chat:
         self.generator = Generator(self.model, self.tokenizer, mode=mode)
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         self.session = ChatSession(
-            self.generator, prompt_template, system=resolve_system(system, system_template, bot_name=bot_name),
+            self.generator, template, system=system_text,
             bot_name=bot_name, sampling=self.sampling, stop_words=stop_words,
         )
 

@@ -84,6 +84,7 @@ def run_chat(opts: ChatOptions, *, stdin: TextIO | None = None, stdout: TextIO |
     from tunesmith.infer.sampling import SamplingConfig
     from tunesmith.infer.session import ChatSession
     from tunesmith.infer.stops import merge_stop_words
+    from tunesmith.infer.trained_prompt import choose_prompt, read_trained_prompt
 
     check_options(opts)
     out = stdout or sys.stdout
@@ -107,9 +108,11 @@ def run_chat(opts: ChatOptions, *, stdin: TextIO | None = None, stdout: TextIO |
         system = plugin_system_text(system, opts.with_plugins)
         extra_stops = merge_stop_words(opts.stop_words, [opts.command_stop_word or COMMAND_STOP,
                                                           opts.answer_stop_word or ANSWER_STOP])
-    session = ChatSession(generator, opts.prompt_template, system=system, bot_name=opts.bot_name,
+    template, system = choose_prompt(opts.adapter, opts.prompt_template, system, warn=_say)
+    session = ChatSession(generator, template, system=system, bot_name=opts.bot_name,
                           sampling=sampling, stop_words=extra_stops)
-    _say(f"model ready: template {session.template.name}, decoding {generator.mode} on {generator.device}")
+    origin = " (the adapter's)" if opts.adapter and read_trained_prompt(opts.adapter) else ""
+    _say(f"model ready: template {session.template.name}{origin}, decoding {generator.mode} on {generator.device}")
 
     def stream_piece(piece: str) -> None:
         out.write(piece)

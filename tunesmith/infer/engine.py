@@ -40,6 +40,7 @@ import torch
 from tunesmith.data.conversation import Turn
 from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
 from tunesmith.data.render import render_prompt_text
+from tunesmith.data.templates import Template
 from tunesmith.errors import TunesmithError
 from tunesmith.infer.generate import Generator
 from tunesmith.infer.model_kind import cache_kwarg, unwrap_model
@@ -72,7 +73,7 @@ def prompt_turns(messages: Sequence[dict]) -> tuple[list[Turn], str]:
 class Engine:
     """A thread-safe generation service over one model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, *, prompt_template: str | None = None, system: str = "",
+    def __init__(self, model, tokenizer, *, prompt_template: str | Template | None = None, system: str = "",
                  bot_name: str = "BOT", stop_words: Sequence[str] = (), max_batch: int = 16,
                  batch_window: float = 0.01, batching: bool = True, generator_mode: str = "auto"):
         self.model = model
@@ -105,10 +106,12 @@ class Engine:
              trust_remote_code: bool = False, **kwargs) -> Engine:
         """Load a model (and adapter) as `tunesmith chat` does and start an engine on it."""
         from tunesmith.infer.api import load_for_chat
+        from tunesmith.infer.trained_prompt import choose_prompt
 
+        template, system = choose_prompt(adapter, prompt_template, system)
         llm, tokenizer = load_for_chat(model, adapter=adapter, bits=bits, torch_dtype=torch_dtype,
                                        trust_remote_code=trust_remote_code)
-        return cls(llm, tokenizer, prompt_template=prompt_template, system=system, **kwargs)
+        return cls(llm, tokenizer, prompt_template=template, system=system, **kwargs)
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, messages: Sequence[dict], *, system: str | None = None) -> list[int]:

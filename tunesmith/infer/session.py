@@ -29,9 +29,11 @@ from tunesmith.infer.stops import merge_stop_words
 RAW_TEMPLATE = Template("raw", system="{system}\n", instruction="{input}")
 
 
-def resolve_template(name: str | None, tokenizer) -> Template:
-    """A named template, `auto` (the tokenizer's chat template), or None: `auto` when the tokenizer has a
-    chat template, else the raw text (XTuner's behaviour without --prompt-template)."""
+def resolve_template(name: str | Template | None, tokenizer) -> Template:
+    """A named template (or a Template), `auto` (the tokenizer's chat template), or None: `auto` when the
+    tokenizer has a chat template, else the raw text (XTuner's behaviour without --prompt-template)."""
+    if isinstance(name, Template):
+        return name
     if name is None:
         return get_template("auto") if getattr(tokenizer, "chat_template", None) else RAW_TEMPLATE
     if name in ("raw", "none"):
@@ -79,7 +81,7 @@ class ChatSession:
     ):
         self.generator = generator
         self.tokenizer = generator.tokenizer
-        self.template = template if isinstance(template, Template) else resolve_template(template, self.tokenizer)
+        self.template = resolve_template(template, self.tokenizer)
         self.system = system
         self.bot_name = bot_name
         self.sampling = sampling or SamplingConfig()

@@ -26,12 +26,12 @@ class EvaluateChat:
     def __init__(self, cfg: Any, tokenizer: Any, work_dir: Path, *, is_main: bool = True, printer=print):
         from tunesmith.data.encode import encode_prompt
         from tunesmith.data.stopwords import stop_words_for
-        from tunesmith.data.templates import resolve_system
+        from tunesmith.data.templates import data_template, resolve_system
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.out_dir = Path(work_dir) / "eval_outputs"
         self.is_main, self.printer = is_main, printer
-        template = cfg.data.prompt_template
+        template = data_template(cfg.data)
         system = resolve_system(cfg.data.system, cfg.data.system_template)
         from tunesmith.data.conversation import Turn
 
