@@ -168,3 +168,23 @@ def test_max_dataset_length_takes_a_seeded_random_subset_in_file_order():
     assert pick(0) == first and pick(1) != first
     assert keep_random_subset(records, ReadStats(), None, seed=0) == records
     assert keep_random_subset(records, ReadStats(), 80, seed=0) == records
+
+
+def test_malformed_records_are_skipped_and_summarised_unless_strict(tmp_path, smol_tok):
+    path = small_file(tmp_path, n=6)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps({"conversation": [{"input": "no reply here"}]})
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = make_cfg(tmp_path, path=str(path), format="conversation", prompt_template="chatml", max_length=128)
+    _, stats = build_train_dataset(cfg, smol_tok)
+    assert stats.conversations == 5 and stats.samples == 5
+    summary = stats.summary()
+    assert "dropped 0\n" in summary  # skipped records are reported on their own, not as deliberate drops
+    assert (f"skipped 1 malformed records (data.strict: true stops at the first instead):\n"
+            f"  turn N: missing 'output' (keys found: 'input'): 1 (first at {path}:3)") in summary
+    _, cached = build_train_dataset(cfg, smol_tok)  # the cache keeps the locations
+    assert cached.cache_hit and cached.malformed_at == stats.malformed_at
+    strict = make_cfg(tmp_path, path=str(path), format="conversation", prompt_template="chatml", max_length=128,
+                      strict=True)
+    with pytest.raises(TunesmithError, match=r"d.jsonl:3: turn 1: missing 'output'"):
+        build_train_dataset(strict, smol_tok, use_cache=False)

@@ -95,9 +95,13 @@ def test_openai_messages_bare_lists_roles_and_loss():
 def test_openai_toy_file_bad_row_is_reported_with_its_line():
     path = shared_file("formats/openai_messages/toy_chat_fine_tuning.jsonl")
     with pytest.raises(TunesmithError) as exc:
-        read_records(path, "openai")
+        read_records(path, "openai", strict=True)
     assert exc.value.message.endswith("toy_chat_fine_tuning.jsonl:4: no user message answered by an assistant "
                                       "message")
+    records, stats = read_records(path, "openai")  # by default: skipped, counted, located
+    reason = "malformed: no user message answered by an assistant message"
+    assert len(records) == 4 and stats.dropped[reason] == 1 and stats.malformed == 1
+    assert [w.rsplit(":", 1)[1] for w in stats.malformed_at[reason]] == ["4"]
     records, stats, problems = check_records(path, "openai")
     assert len(records) == 4 and [p.where.rsplit(":", 1)[1] for p in problems] == ["4"]
 
@@ -175,9 +179,16 @@ def test_malformed_json_array_names_the_line(tmp_path):
 def test_missing_column_lists_the_columns_found(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(TunesmithError) as exc:
-        read_records(path, "alpaca")
+        read_records(path, "alpaca", strict=True)
     assert exc.value.message == (
         f"{path}:1: missing column 'instruction', 'output' (columns found: 'question', 'answer')"
+    )
+    assert "list-dataset-format" in exc.value.hint
+    with pytest.raises(TunesmithError) as exc:  # tolerant, but nothing at all reads: still an error
+        read_records(path, "alpaca")
+    assert exc.value.message == (
+        f"{path}: none of its 1 records reads as format 'alpaca' (first: {path}:1: missing column 'instruction', "
+        "'output' (columns found: 'question', 'answer'))"
     )
     assert "list-dataset-format" in exc.value.hint
 
@@ -196,8 +207,23 @@ def test_whitespace_only_field(tmp_path):
         [{"conversation": [{"input": "a", "output": "b"}]}, {"conversation": [{"input": "a", "output": " \t"}]}],
     )
     with pytest.raises(TunesmithError) as exc:
-        read_records(path, "conversation")
+        read_records(path, "conversation", strict=True)
     assert exc.value.message == f"{path}:2: turn 1: empty or whitespace-only 'output'"
+
+
+def test_malformed_records_are_grouped_by_reason_with_their_first_lines(tmp_path):
+    good = {"conversation": [{"input": "a", "output": "b"}]}
+    rows = [good, {"conversation": [{"input": "a", "output": ""}]}, good,
+            {"conversation": [good["conversation"][0], {"input": "x"}]},
+            {"conversation": [{"input": "a", "output": " "}]},
+            {"conversation": [good["conversation"][0], good["conversation"][0], {"input": "y"}]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    records, stats = read_records(path, "conversation")
+    assert [r.line for r in records] == [1, 3] and stats.records_read == 6 and stats.malformed == 4
+    empty = "malformed: turn N: empty or whitespace-only 'output'"
+    missing = "malformed: turn N: missing 'output' (keys found: 'input')"
+    assert dict(stats.dropped) == {empty: 2, missing: 2}
+    assert stats.malformed_at == {empty: [f"{path}:2", f"{path}:5"], missing: [f"{path}:4", f"{path}:6"]}
 
 
 def test_missing_path_and_offline_hub(monkeypatch):

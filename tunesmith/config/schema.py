@@ -26,6 +26,8 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
+    """The base model: where it is and how it is loaded."""
+
     path: str = Field(
         "internlm/internlm-chat-7b",
         description="local folder, .gguf file, hub id, or builtin:smollm2-135m-instruct",
@@ -39,6 +41,8 @@ class ModelSection(Section):
 
 
 class QuantizationSection(Section):
+    """bitsandbytes quantization of the frozen base model (QLoRA)."""
+
     bits: Literal[4, 8] | None = Field(
         None, description="4 = NF4 (QLoRA), 8 = LLM.int8, null = none (method qlora picks 4)"
     )
@@ -51,6 +55,8 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
+    """The LoRA adapter that methods lora and qlora train."""
+
     r: int = Field(64, ge=1, description="LoRA rank")
     alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the LoRA input")
@@ -62,6 +68,8 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
+    """The training data: where it is, how it is read, templated, cut and packed."""
+
     path: str = Field(
         "timdettmers/openassistant-guanaco",
         description="local file or folder (json, jsonl, csv, parquet, txt), or a hub dataset id when online",
@@ -72,6 +80,12 @@ class DataSection(Section):
     prompt_template: str = Field("internlm_chat", description="chat template name or 'auto'; see list-template")
     system: str = Field("", description="system prompt text added to every conversation without its own")
     system_template: str | None = Field(None, description="named system prompt (alternative to system)")
+    model_default_system: bool = Field(
+        True, description="a conversation without a system prompt gets the model's own default one when the "
+        "template renders the tokenizer's chat template (as apply_chat_template does); false: no system block, "
+        "as XTuner. Not with prompt_template 'auto', which always renders the tokenizer's own template")
+    strict: bool = Field(
+        False, description="stop at the first malformed record; by default such records are skipped and counted")
     max_length: int = Field(2048, ge=16, description="tokens per (packed) sample")
     pack_to_max_length: bool = Field(True, description="pack samples into max_length sequences")
     shuffle_before_pack: bool = Field(True, description="shuffle samples before packing")
@@ -84,10 +98,15 @@ class DataSection(Section):
     def _one_system(self) -> DataSection:
         if self.system and self.system_template:
             raise ValueError("set data.system or data.system_template, not both")
+        if not self.model_default_system and self.prompt_template == "auto":
+            raise ValueError("data.model_default_system false needs a named prompt_template: 'auto' renders the "
+                             "tokenizer's own chat template, default system prompt included")
         return self
 
 
 class TrainingSection(Section):
+    """Optimizer, schedule, precision, seed and checkpoints."""
+
     max_epochs: int = Field(3, ge=1, description="passes over the data")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(1, ge=1, description="samples per device per micro-batch")
@@ -113,6 +132,8 @@ class TrainingSection(Section):
 
 
 class EvaluationSection(Section):
+    """Sample answers generated during training (XTuner's EvaluateChatHook)."""
+
     inputs: list[str] = Field(
         default_factory=lambda: list(XTUNER_EVALUATION_INPUTS),
         description="prompts answered during training to watch the model learn",
@@ -120,16 +141,26 @@ class EvaluationSection(Section):
     every_n_steps: int | None = Field(500, ge=1, description="answer them every N steps (null: only before/after)")
     max_new_tokens: int = Field(600, ge=1, description="answer length limit")
     temperature: float = Field(0.1, ge=0, description="0 = greedy")
-    top_p: float = Field(0.75, gt=0, le=1)
-    top_k: int = Field(40, ge=0)
+    top_p: float = Field(
+        0.75, gt=0, le=1,
+        description="nucleus sampling: draw from the most likely tokens whose probabilities add up to top_p "
+        "(with temperature > 0)",
+    )
+    top_k: int = Field(
+        40, ge=0, description="draw only from the k most likely tokens (0: no limit; with temperature > 0)"
+    )
 
 
 class LoggingSection(Section):
+    """What a run writes besides metrics.jsonl."""
+
     tensorboard: bool = Field(True, description="write TensorBoard events to work_dir/tensorboard")
     plot: bool = Field(True, description="draw work_dir/loss.png")
 
 
 class DistributedSection(Section):
+    """Several GPUs: DDP, or DeepSpeed ZeRO with --deepspeed."""
+
     deepspeed: str | None = Field(
         None, description="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file"
     )

@@ -37,9 +37,9 @@ import numpy as np
 from tunesmith.data.conversation import with_default_system
 from tunesmith.data.encode import ENCODE_VERSION, Encoded, EncodeStats, encode_records
 from tunesmith.data.pack import PackedDataset, SampleDataset, pack_bins
-from tunesmith.data.readers import get_format, read_records
+from tunesmith.data.readers import MALFORMED, get_format, read_records
 from tunesmith.data.sources import data_files
-from tunesmith.data.templates import get_template, resolve_system
+from tunesmith.data.templates import data_template, resolve_system
 from tunesmith.files import atomic_path
 
 
@@ -56,6 +56,7 @@ class DataStats:
     loss_tokens: int = 0
     max_length: int = 0
     turns_histogram: dict[str, int] = field(default_factory=dict)
+    malformed_at: dict[str, list[str]] = field(default_factory=dict)  # reason -> first locations
     cache_hit: bool = False
     cache_path: str = ""
     seconds: float = 0.0
@@ -64,15 +65,21 @@ class DataStats:
         return asdict(self)
 
     def summary(self) -> str:
-        dropped = sum(self.dropped.values())
+        kept = {k: v for k, v in self.dropped.items() if k not in self.malformed_at}
+        dropped = sum(kept.values())
         truncated = sum(self.truncated.values())
         lines = [
             f"records read {self.records_read}, conversations {self.conversations}, samples {self.samples}, "
             f"tokens {self.tokens} ({self.loss_tokens} with loss)",
-            f"dropped {dropped}" + (f" ({', '.join(f'{k}: {v}' for k, v in self.dropped.items())})" if dropped else ""),
+            f"dropped {dropped}" + (f" ({', '.join(f'{k}: {v}' for k, v in kept.items())})" if dropped else ""),
             f"truncated to max_length {self.max_length}: {truncated}"
             + (f" ({', '.join(f'{k}: {v}' for k, v in self.truncated.items())})" if truncated else ""),
         ]
+        if self.malformed_at:
+            skipped = sum(self.dropped.get(k, 0) for k in self.malformed_at)
+            lines.append(f"skipped {skipped} malformed records (data.strict: true stops at the first instead):")
+            lines += [f"  {reason.removeprefix(MALFORMED)}: {self.dropped.get(reason, 0)} (first at {', '.join(at)})"
+                      for reason, at in self.malformed_at.items()]
         if self.packed_sequences:
             lines.append(f"packed into {self.packed_sequences} sequences, pad fraction {self.pad_fraction:.2%}")
         if self.cache_path:
@@ -116,7 +123,7 @@ def data_fingerprint(path: str, name: str | None, split: str | None) -> str:
 
 def cache_key(cfg: Any, tokenizer: Any) -> str:
     d = cfg.data
-    template = get_template(d.prompt_template)
+    template = data_template(d)
     parts = {
         "v": ENCODE_VERSION, "data": data_fingerprint(d.path, d.name, d.split), "format": d.format,
         "template": repr(template), "system": resolve_system(d.system, d.system_template),
@@ -164,7 +171,7 @@ def keep_random_subset(records: list, stats: Any, n: int | None, *, seed: int) -
 def validate_data_names(cfg: Any) -> None:
     """Fail fast (before loading a tokenizer or reading data) on unknown format / template / system names."""
     get_format(cfg.data.format)
-    get_template(cfg.data.prompt_template)
+    data_template(cfg.data)
     resolve_system(cfg.data.system, cfg.data.system_template)
 
 
@@ -174,7 +181,7 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
     `progress(done, total)` reports tokenization (conversations) for a progress bar."""
     d = cfg.data
     fmt = get_format(d.format)  # unknown names fail before any reading
-    template = get_template(d.prompt_template)
+    template = data_template(d)
     system = resolve_system(d.system, d.system_template)
     start = time.perf_counter()
     folder = cache_root(cfg) / cache_key(cfg, tokenizer) if use_cache else None
@@ -184,7 +191,7 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
         stats.cache_hit, stats.cache_path = True, str(folder)
         stats.seconds = time.perf_counter() - start
         return samples, stats
-    records, rstats = read_records(d.path, fmt, name=d.name, split=d.split)
+    records, rstats = read_records(d.path, fmt, name=d.name, split=d.split, strict=d.strict)
     records = keep_random_subset(records, rstats, d.max_dataset_length, seed=cfg.training.seed)
     convs = [with_default_system(r.turns, system) if fmt.kind == "chat" else r.turns for r in records]
     report = (lambda n: progress(n, len(convs))) if progress is not None else None
@@ -205,7 +212,8 @@ def _merge(read: dict[str, Any], enc: EncodeStats, max_length: int) -> DataStats
     return DataStats(records_read=read["records_read"], conversations=read["conversations"], dropped=dropped,
                      truncated=dict(enc.truncated), samples=enc.samples, tokens=enc.tokens,
                      loss_tokens=enc.loss_tokens, max_length=max_length,
-                     turns_histogram={str(k): v for k, v in read["turns_histogram"].items()})
+                     turns_histogram={str(k): v for k, v in read["turns_histogram"].items()},
+                     malformed_at=dict(read["malformed_at"]))
 
 
 def pack_dataset(samples: list[Encoded], max_length: int, *, seed: int | None) -> PackedDataset:

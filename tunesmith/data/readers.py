@@ -8,8 +8,8 @@ Formats (XTuner's `dataset_map_fn` names): `FORMATS[name] = DatasetFormat(name, 
 The MSAgent-Bench ReAct reader and its tool preamble live in `tunesmith.data.msagent`.
 
 Public API: `format_names()`, `get_format(name)`, `read_records(path, fmt, ...) -> (list[Record], ReadStats)`
-(raises `TunesmithError` at the first bad record, naming file and line), `check_records(...)` (collects every
-problem instead).
+(skips and counts bad records; `strict=True` raises `TunesmithError` at the first, naming file and line),
+`check_records(...)` (collects every problem with its message, for check-custom-dataset).
 """
 
 from __future__ import annotations
@@ -39,16 +39,34 @@ class Record:
     line: int
 
 
+MALFORMED = "malformed: "  # prefix of the `dropped` reasons of records a format rejects (skipped, not strict)
+FIRST_LOCATIONS = 3  # where the first malformed records of each reason are, for the summary
+
+
 @dataclass
 class ReadStats:
     records_read: int = 0
     conversations: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     turns_histogram: Counter = field(default_factory=Counter)  # n turns -> conversations
+    malformed_at: dict[str, list[str]] = field(default_factory=dict)  # malformed reason -> first "file:line"s
+
+    def skip_malformed(self, raw: RawRecord, exc: RecordError) -> None:
+        # one reason per kind of problem: the numbers in a message (turn 3, message 5) differ record to record
+        reason = MALFORMED + re.sub(r"\d+", "N", str(exc))
+        self.dropped[reason] += 1
+        first = self.malformed_at.setdefault(reason, [])
+        if len(first) < FIRST_LOCATIONS:
+            first.append(raw.where)
+
+    @property
+    def malformed(self) -> int:
+        return sum(n for reason, n in self.dropped.items() if reason.startswith(MALFORMED))
 
     def as_dict(self) -> dict[str, Any]:
         return {"records_read": self.records_read, "conversations": self.conversations,
-                "dropped": dict(self.dropped), "turns_histogram": dict(sorted(self.turns_histogram.items()))}
+                "dropped": dict(self.dropped), "turns_histogram": dict(sorted(self.turns_histogram.items())),
+                "malformed_at": self.malformed_at}
 
 
 # ------------------------------------------------------------------------------------------- formats
@@ -247,19 +265,32 @@ def _map_records(path: str | os.PathLike, f: DatasetFormat, stats: ReadStats,
 
 def read_records(path: str | os.PathLike, fmt: str | DatasetFormat, *, name: str | None = None,
                  split: str | None = "train", max_records: int | None = None,
-                 sheet: str | int | None = None) -> tuple[list[Record], ReadStats]:
-    """All conversations of a dataset. The first bad record raises TunesmithError naming file and line;
-    records a format drops on purpose are counted in `stats.dropped`."""
+                 sheet: str | int | None = None, strict: bool = False) -> tuple[list[Record], ReadStats]:
+    """All conversations of a dataset. A record the format rejects is skipped and counted by reason, with the
+    first locations (`stats.malformed_at`), as XTuner skips what it cannot map; `strict` raises TunesmithError
+    at the first one instead, naming file and line. Records a format drops on purpose count in `stats.dropped`.
+    No conversation at all is an error naming the first problem."""
     f = get_format(fmt) if isinstance(fmt, str) else fmt
     stats = ReadStats()
+    hint = f"fix the record or check data.format (now {f.name!r}; see `tunesmith list-dataset-format`)"
+    first: list[tuple[RawRecord, RecordError]] = []
 
     def stop(raw: RawRecord, exc: RecordError) -> None:
-        raise TunesmithError(f"{raw.where}: {exc}", f"fix the record or check data.format (now {f.name!r}; "
-                             "see `tunesmith list-dataset-format`)") from None
+        raise TunesmithError(f"{raw.where}: {exc}", hint) from None
 
-    records = _map_records(path, f, stats, stop, name=name, split=split, sheet=sheet, max_records=max_records)
+    def skip(raw: RawRecord, exc: RecordError) -> None:
+        if not first:
+            first.append((raw, exc))
+        stats.skip_malformed(raw, exc)
+
+    records = _map_records(path, f, stats, stop if strict else skip, name=name, split=split, sheet=sheet,
+                           max_records=max_records)
     if stats.records_read == 0:
         raise TunesmithError(f"{path} has no records", "check data.path and data.split")
+    if not records and first:
+        raw, exc = first[0]
+        raise TunesmithError(f"{path}: none of its {stats.records_read} records reads as format {f.name!r} "
+                             f"(first: {raw.where}: {exc})", hint)
     return records, stats
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,7 +77,11 @@ def load_conversations(path: str, fmt: str, max_samples: int | None) -> tuple[li
     if not Path(path).exists():
         raise TunesmithError(f"--data {path} does not exist", "pass a held-out file, e.g. from `tunesmith data split`")
     fmt = detect_format(path) if fmt == "auto" else fmt
-    records, _stats = read_records(path, fmt, split=None, max_records=max_samples)
+    records, stats = read_records(path, fmt, split=None, max_records=max_samples)
+    if stats.malformed:
+        first = next(iter(stats.malformed_at.values()))[0]
+        print(f"skipped {stats.malformed} malformed records of {path} (first at {first}); "
+              "`tunesmith check-custom-dataset` lists them", file=sys.stderr, flush=True)
     return [list(r.turns) for r in records], fmt
 
 
