@@ -1,0 +1,73 @@
+"""Which XTuner 0.x setting each tunesmith config key replaces, as data: `XTUNER_NAMES[tunesmith key]`.
+
+A PART 1 variable of XTuner's configs where there is one (`lr`, `max_length`, ...), else where XTuner keeps the
+setting (`model.llm.torch_dtype`, `default_hooks.logger.interval`, an environment variable or a `train` flag).
+A note in parentheses after the name says where the meaning differs.
+Keys tunesmith added (the fast paths, `data.strict`, ...) are absent. The reference page (config/reference.py)
+reads this table; every key mapping.py reads from an XTuner config has its entry here (tests/docs checks both).
+"""
+
+from __future__ import annotations
+
+XTUNER_NAMES: dict[str, str] = {
+    "method": "model.lora / model.llm.quantization_config",
+    "work_dir": "work_dir",
+    "model.path": "pretrained_model_name_or_path",
+    "model.tokenizer_path": "tokenizer.pretrained_model_name_or_path",
+    "model.trust_remote_code": "model.llm.trust_remote_code",
+    "model.dtype": "model.llm.torch_dtype",
+    "model.attn_implementation": "model.llm.attn_implementation",
+    "quantization.bits": "load_in_4bit / load_in_8bit",
+    "quantization.quant_type": "bnb_4bit_quant_type",
+    "quantization.double_quant": "bnb_4bit_use_double_quant",
+    "quantization.compute_dtype": "bnb_4bit_compute_dtype",
+    "quantization.quant_storage": "bnb_4bit_quant_storage",
+    "lora.r": "lora.r",
+    "lora.alpha": "lora.lora_alpha",
+    "lora.dropout": "lora.lora_dropout",
+    "lora.target_modules": "lora.target_modules",
+    "lora.bias": "lora.bias",
+    "lora.modules_to_save": "lora.modules_to_save",
+    "data.path": "data_path",
+    "data.format": "dataset_map_fn",
+    "data.name": "data_config_name",
+    "data.split": "train_dataset.split",
+    "data.prompt_template": "prompt_template",
+    "data.system": "SYSTEM",
+    "data.system_template": "SYSTEM = SYSTEM_TEMPLATE.<name>",
+    "data.max_length": "max_length",
+    "data.pack_to_max_length": "pack_to_max_length",
+    "data.shuffle_before_pack": "shuffle_before_pack",
+    "data.max_dataset_length": "max_dataset_length",
+    "data.num_workers": "dataloader_num_workers",
+    "training.max_epochs": "max_epochs",
+    "training.max_steps": "train_cfg.max_iters (counted in micro-batches)",
+    "training.batch_size": "batch_size",
+    "training.accumulative_counts": "accumulative_counts",
+    "training.lr": "lr",
+    "training.betas": "betas",
+    "training.weight_decay": "weight_decay",
+    "training.max_norm": "max_norm",
+    "training.warmup_ratio": "warmup_ratio",
+    "training.lr_scheduler": "param_scheduler",
+    "training.min_lr_ratio": "eta_min (an absolute lr)",
+    "training.optimizer": "optim_type",
+    "training.mixed_precision": "optim_wrapper.dtype",
+    "training.gradient_checkpointing": "use_activation_checkpointing",
+    "training.seed": "randomness.seed",
+    "training.deterministic": "randomness.deterministic",
+    "training.save_steps": "save_steps (counted in micro-batches)",
+    "training.save_total_limit": "save_total_limit",
+    "training.save_epochs": "default_hooks.checkpoint.by_epoch",
+    "training.log_interval": "default_hooks.logger.interval (counted in micro-batches)",
+    "evaluation.inputs": "evaluation_inputs",
+    "evaluation.every_n_steps": "evaluation_freq (counted in micro-batches)",
+    "evaluation.max_new_tokens": "EvaluateChatHook.max_new_tokens",
+    "evaluation.temperature": "EvaluateChatHook.generation_kwargs.temperature",
+    "evaluation.top_p": "EvaluateChatHook.generation_kwargs.top_p",
+    "evaluation.top_k": "EvaluateChatHook.generation_kwargs.top_k",
+    "logging.tensorboard": "visualizer",
+    "distributed.deepspeed": "--deepspeed (an xtuner train flag)",
+    "distributed.dataset_timeout_minutes": "XTUNER_DATASET_TIMEOUT (an environment variable)",
+    "speed.packed_attention": "use_varlen_attn",
+}
