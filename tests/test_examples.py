@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.timeouts import TIMEOUT
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI_DEMO = ROOT / "examples" / "cli_demo.py"
 
@@ -47,6 +49,6 @@ def test_messages_end_at_eof_or_empty_line(typed, messages, capsys):
 ])
 def test_cli_demo_quits_cleanly(tiny_llama, stdin, prompts):
     run = subprocess.run([sys.executable, str(CLI_DEMO), str(tiny_llama)], input=stdin, capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+                         text=True, timeout=TIMEOUT, cwd=ROOT)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stdout.count(">>> ") == prompts

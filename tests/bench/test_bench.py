@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.timeouts import TIMEOUT
 from tunesmith.bench import BenchOptions, run_bench
 from tunesmith.bench.data import packed_batches, plain_batch
 from tunesmith.bench.flops import effective_context, flops_per_token, matmul_params, mfu
@@ -107,7 +108,7 @@ def test_cli_bench_prints_the_table():
     proc = subprocess.run(
         [sys.executable, "-m", "tunesmith", "bench", "--model-shape", "tiny", "--seq-len", "48", "--steps", "1",
          "--warmup", "0", "--variants", "baseline,tunesmith", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== tunesmith bench: tiny lora seq 48" in proc.stdout
@@ -116,7 +117,8 @@ def test_cli_bench_prints_the_table():
 
 def test_cli_bench_bad_method_exits_2():
     proc = subprocess.run(
-        [sys.executable, "-m", "tunesmith", "bench", "--method", "prefix"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tunesmith", "bench", "--method", "prefix"], capture_output=True, text=True,
+        timeout=TIMEOUT
     )
     assert proc.returncode == 2 and "unknown method 'prefix'" in proc.stderr
 
@@ -281,7 +283,7 @@ def test_end_to_end_runs_tunesmith_train_beside_the_plain_loop_on_cpu(tmp_path):
         [sys.executable, "-m", "tunesmith", "bench", "--end-to-end", "--model-shape", "tiny", "--seq-len", "128",
          "--steps", "2", "--warmup", "0", "--accumulate", "1", "--work", str(tmp_path / "e2e"),
          "--rows", "plain lora; train lora lora.r=8", "--json", str(tmp_path / "e2e.json")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     data = json.loads((tmp_path / "e2e.json").read_text())

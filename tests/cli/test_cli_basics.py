@@ -5,13 +5,14 @@ import sys
 
 import yaml
 
+from tests.timeouts import TIMEOUT
 from tunesmith.config import build_recipe
 from tunesmith.config.load import validate
 
 
 def run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=TIMEOUT)
 
 
 def test_help_and_version():

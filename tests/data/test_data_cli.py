@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.data.datahelp import FILES, make_cfg
+from tests.timeouts import TIMEOUT
 from tunesmith.cli.main import main
 
 
@@ -87,7 +88,7 @@ def test_malformed_json_line_one_line_exit_2_in_a_real_process(tmp_path):
     data.write_text('{"text": "### Human: a### Assistant: b"}\n{"text": oops}\n', encoding="utf-8")
     cfg = config_file(tmp_path, path=str(data), format="oasst1")
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "check-custom-dataset", str(cfg), "--no-tokenizer"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: {data}:2: malformed JSON (Expecting value at column 10) (hint: fix or remove that line (each line "

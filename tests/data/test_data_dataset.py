@@ -9,6 +9,7 @@ import pytest
 
 import tunesmith.data.dataset as dataset_mod
 from tests.data.datahelp import make_cfg, shared_file
+from tests.timeouts import TIMEOUT
 from tunesmith.data.dataset import build_train_dataset, cache_root
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.pack import make_dataloader
@@ -147,7 +148,8 @@ def test_package_entry_points():
     assert data.IGNORE_INDEX == -100 and "oasst1" in data.format_names()
     # importing the package (templates, conversation) does not pull in torch
     code = "import sys, tunesmith.data; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=TIMEOUT).stdout.strip() == "False"
 
 
 def test_max_dataset_length_takes_a_seeded_random_subset_in_file_order():

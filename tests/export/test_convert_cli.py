@@ -14,6 +14,7 @@ from tests.export.helpers import (
     write_checkpoint,
     write_config,
 )
+from tests.timeouts import TIMEOUT
 from tunesmith.cli.main import main
 
 
@@ -90,5 +91,5 @@ def test_usage_error_exit_2(capsys):
 def test_console_script_exit_code(tmp_path):
     """The real process: one line on stderr, exit code 2."""
     out = subprocess.run([sys.executable, "-m", "tunesmith", "convert", "split", str(tmp_path / "none"),
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=180)
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 2 and out.stderr.startswith("error: model folder")

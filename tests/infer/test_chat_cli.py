@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
+from tests.timeouts import TIMEOUT
 from tunesmith.infer.repl import PROMPT, RESET_MESSAGE
 
 MODEL = "builtin:smollm2-135m-instruct"
 
 
-def _chat(stdin: str, *args: str, env=None, timeout=240):
+def _chat(stdin: str, *args: str, env=None, timeout=TIMEOUT):
     cmd = [sys.executable, "-m", "tunesmith", "chat", MODEL, "--prompt-template", "auto", "--temperature", "0", *args]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
@@ -45,5 +46,5 @@ def test_bad_flags_are_one_line_errors(monkeypatch):
                          (["--system", "a", "--system-template", "alpaca"], "--system-template"),
                          (["--bits", "3"], "--bits")]:
         out = subprocess.run([sys.executable, "-m", "tunesmith", "chat", MODEL, *args], capture_output=True,
-                             text=True, timeout=60, input="")
+                             text=True, timeout=TIMEOUT, input="")
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.timeouts import TIMEOUT
 from tunesmith.data.conversation import Turn
 from tunesmith.data.render import render_prompt_text
 from tunesmith.infer.api import load_for_chat
@@ -48,7 +49,7 @@ def test_chat_cli_on_tiny_model(tiny_qwen2):
     stdin = "hello\nworld\n\nRESET\n\nagain\n\n"  # no EXIT: end of input leaves cleanly
     out = subprocess.run([sys.executable, "-m", "tunesmith", "chat", str(tiny_qwen2), "--prompt-template",
                           "qwen_chat", "--max-new-tokens", "6", "--no-streamer", "--stop-words", "zz", "yy"],
-                         input=stdin, capture_output=True, text=True, timeout=120)
+                         input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr[-1500:]
     assert out.stdout.count(PROMPT.strip()) == 4 and RESET_MESSAGE in out.stdout
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.timeouts import TIMEOUT
 from tunesmith.infer.tools import Calculator, PythonInterpreter, Solver, ToolError
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel layers are Linux's")
@@ -56,7 +57,7 @@ def test_the_kernel_refuses_the_parents_environ_and_the_network_without_the_audi
             f"try:\n    socket.create_connection(('127.0.0.1', {listener}), timeout=2); print('CONNECTED')\n"
             f"except OSError as e:\n    print('network refused', e.errno)\n")
     out = subprocess.run([sys.executable, "-I", "-c", code], env={}, preexec_fn=python_tool._limits,
-                         capture_output=True, text=True, timeout=30).stdout
+                         capture_output=True, text=True, timeout=TIMEOUT).stdout
     assert "sk-parent-secret-123" not in out and "environ refused" in out
     if "network refused" not in out:  # no user namespaces here: the audit hook is the network's only guard
         pytest.skip("this kernel does not give the tool a network namespace")

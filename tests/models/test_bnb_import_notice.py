@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 
+from tests.timeouts import TIMEOUT
 from tunesmith.models.quantize import KERNELS_HUB_NOTICE
 
 LORA_SCRIPT = """
@@ -23,7 +24,7 @@ def test_lora_setup_prints_no_kernels_notice(tiny_llama):
     """In a fresh interpreter, the way `tunesmith train` reaches peft (on CPUs without AVX512-BF16 bitsandbytes
     never says it; the next test covers the filter itself there)."""
     run = subprocess.run([sys.executable, "-c", LORA_SCRIPT, str(tiny_llama)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "lora layers 14" in run.stdout
     assert "gemm_4bit_forward" not in run.stderr and "kernels-community" not in run.stderr, run.stderr[-2000:]

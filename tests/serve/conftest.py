@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
+
+from tests.timeouts import TIMEOUT, wait_for
 
 API_KEY = "sk-test-tunesmith"
 
@@ -30,11 +31,9 @@ def api_server(smollm2_engine):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the API server did not start")
-        time.sleep(0.05)
+    wait_for(lambda: server.started or not thread.is_alive(), "the API server starting")
+    if not server.started:
+        pytest.fail("the API server did not start")
     yield f"http://127.0.0.1:{port}", smollm2_engine
     server.should_exit = True
-    thread.join(timeout=10)
+    thread.join(timeout=TIMEOUT)

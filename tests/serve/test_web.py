@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.serve.conftest import free_port
+from tests.timeouts import TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -74,7 +75,7 @@ def browser(tmp_path_factory):
     ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(TIMEOUT)
     yield driver
     driver.quit()
 
@@ -101,7 +102,7 @@ def test_web_page_streams_an_answer(web_url, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(web_url)
-    wait = WebDriverWait(browser, 60)
+    wait = WebDriverWait(browser, TIMEOUT)
     box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#message textarea, #message input")))
     for elem_id in ("system", "temperature", "top_p", "max_tokens", "reset", "stop"):
         assert browser.find_elements(By.ID, elem_id), f"#{elem_id} missing from the page"
@@ -109,7 +110,7 @@ def test_web_page_streams_an_answer(web_url, browser):
     box.send_keys(Keys.ENTER)
 
     seen: list[str] = []  # distinct partial answers observed while it streams
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + TIMEOUT
     stable_since = None
     while time.monotonic() < deadline:
         text = _bot_text(browser)
@@ -130,7 +131,7 @@ def test_web_page_streams_an_answer(web_url, browser):
 
     # reset clears the conversation
     browser.find_element(By.CSS_SELECTOR, "#reset").click()
-    WebDriverWait(browser, 30).until(lambda d: _bot_text(d) == "")
+    WebDriverWait(browser, TIMEOUT).until(lambda d: _bot_text(d) == "")
 
 
 def test_a_message_with_markup_is_shown_as_text(web_url, browser):
@@ -140,7 +141,7 @@ def test_a_message_with_markup_is_shown_as_text(web_url, browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(web_url)
-    box = WebDriverWait(browser, 60).until(
+    box = WebDriverWait(browser, TIMEOUT).until(
         ec.element_to_be_clickable((By.CSS_SELECTOR, "#message textarea, #message input")))
     typed = "<script>window.__pwned = 1</script><b>bold?</b> say hi"
     box.send_keys(typed)
@@ -151,7 +152,7 @@ def test_a_message_with_markup_is_shown_as_text(web_url, browser):
             By.CSS_SELECTOR, "#chatbot .user")
         return found[-1].text if found else ""
 
-    WebDriverWait(browser, 60).until(lambda d: "<script>" in user_text(d))
+    WebDriverWait(browser, TIMEOUT).until(lambda d: "<script>" in user_text(d))
     assert "<b>bold?</b>" in user_text(browser)  # the tags are text, not markup
     assert browser.execute_script("return window.__pwned") is None
     browser.find_element(By.CSS_SELECTOR, "#reset").click()

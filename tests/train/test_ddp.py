@@ -12,13 +12,15 @@ import sys
 import yaml
 from safetensors.torch import load_file
 
+from tests.timeouts import TIMEOUT
+
 
 def _run(cfg_file, work, *extra):
     env = dict(os.environ, NPROC_PER_NODE="2", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PORT", "NNODES"):
         env.pop(k, None)
     done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg_file), "--work-dir", str(work),
-                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=300)
+                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.timeouts import TIMEOUT
+
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ def _run(mode, stage, model_dir, data_file, out):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
     done = subprocess.run([sys.executable, "-m", "tests.train.ds_worker", mode, stage, str(model_dir), str(data_file),
-                           str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])["losses"]

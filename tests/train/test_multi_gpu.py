@@ -12,6 +12,8 @@ import sys
 import pytest
 import yaml
 
+from tests.timeouts import TIMEOUT
+
 pytestmark = pytest.mark.gpu
 
 
@@ -29,7 +31,7 @@ def _train(cfg, tmp_path, name, nproc, *extra):
         env.pop(k, None)
     work = tmp_path / name
     done = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg_file), "--work-dir", str(work),
-                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=600)
+                           "--no-progress", *extra], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]

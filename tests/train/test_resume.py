@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.timeouts import TIMEOUT, wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,14 +52,15 @@ def _steps_logged(work):
 def _start_and_wait(cfg_file, work, step, sig):
     proc = subprocess.Popen(_cmd(cfg_file, work), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    deadline = time.time() + 120
-    while _steps_logged(work) < step:
+
+    def reached() -> bool:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.time() < deadline, "training did not reach the step in time"
-        time.sleep(0.02)
+        return _steps_logged(work) >= step
+
+    wait_for(reached, f"training reaching step {step}", interval=0.02)
     assert proc.poll() is None, "the run ended before the signal: the test would prove nothing"
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=TIMEOUT)
     return proc.returncode, out
 
 
@@ -74,7 +77,7 @@ def resume_cfg(make_cfg, tmp_path):
 
 def test_sigkill_mid_epoch_then_resume_auto_is_exact(resume_cfg, tmp_path):
     ref = tmp_path / "ref"
-    done = subprocess.run(_cmd(resume_cfg, ref), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cmd(resume_cfg, ref), env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     total = len(_losses(ref))
     meta = json.loads((ref / "epoch_1.pth" / "meta.json").read_text())
@@ -86,7 +89,7 @@ def test_sigkill_mid_epoch_then_resume_auto_is_exact(resume_cfg, tmp_path):
     code, out = _start_and_wait(resume_cfg, work, kill_at, signal.SIGKILL)
     assert code == -signal.SIGKILL
     resumed = subprocess.run(_cmd(resume_cfg, work, "--resume", "auto"), env=_env(), capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout, f"killed at {kill_at}: no checkpoint used?"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -66,24 +65,27 @@ def test_full_finetune_run(make_cfg, tmp_path):
 
 
 def test_progress_bars_report_tokenizing_and_steps(make_cfg, tmp_path, monkeypatch):
-    """With progress on, the tokenizing bar receives (done, total) and the training bar every step."""
-    from tunesmith.progress import callback_bar
-    from tunesmith.train import metrics
+    """With progress on a terminal, the tokenizing bar receives (done, total) and the training bar every step,
+    drawn from the same step line train.log gets."""
+    from rich.progress import Progress
 
-    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr("tunesmith.train.runlog.is_terminal", lambda **kw: True)
+    updates: list[dict] = []
+    real_update = Progress.update
 
-    @contextlib.contextmanager
-    def spy(description, *, enabled):
-        with callback_bar(description, enabled=enabled) as report:
-            yield (lambda done, total: (seen.append((done, total)), report(done, total))) if report else None
+    def spy(self, task, **kw):
+        updates.append(kw)
+        return real_update(self, task, **kw)
 
-    monkeypatch.setattr("tunesmith.train.setup.callback_bar", spy)
-    steps: list[int] = []
-    monkeypatch.setattr(metrics.ProgressBar, "update", lambda self, step, epoch, values: steps.append(step))
+    monkeypatch.setattr(Progress, "update", spy)
     cfg = make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}, data={"cache_dir": str(tmp_path / "c")})
     train(cfg, work_dir=tmp_path / "work", progress=True)
+    seen = [(u["completed"], u["total"]) for u in updates if "total" in u]
     assert seen and seen[-1][0] == seen[-1][1] > 0  # tokenized every conversation
-    assert steps == [1, 2]
+    steps = [u for u in updates if "description" in u]
+    assert [u["completed"] for u in steps] == [1, 2]
+    log = (tmp_path / "work" / "train.log").read_text()
+    assert all(u["description"] in log.splitlines() for u in steps)
 
 
 def test_qlora_run(make_cfg, tmp_path):

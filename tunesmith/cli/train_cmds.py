@@ -19,12 +19,17 @@ Checkpoints go to WORK_DIR/epoch_N.pth (and iter_N.pth with training.save_steps)
 TensorBoard events, loss.png and the evaluation answers (eval_outputs/). Ctrl-C saves and prints the
 command that resumes.
 
+Everything printed also goes to WORK_DIR/train.log (appended to on --resume). On a terminal a live bar shows
+the steps; without one (as under nohup) progress is plain lines, one per training.log_interval steps, with
+loss, lr, tokens/s, memory, elapsed time and ETA, each written at once for tail -f.
+
 \b
 Examples:
   tunesmith train ./internlm_chat_7b_qlora_oasst1_e3_copy.yaml
   tunesmith train my.yaml --deepspeed deepspeed_zero2 --set training.lr=1e-4 data.max_length=1024
   tunesmith train my.yaml --resume auto          # continue exactly where the last checkpoint stopped
   NPROC_PER_NODE=8 tunesmith train my.yaml --deepspeed deepspeed_zero2     # all GPUs of a host
+  nohup tunesmith train my.yaml > train.out 2>&1 &      # in the background; follow it: tail -f train.out
 """
 
 
@@ -68,7 +73,8 @@ def register(app: typer.Typer) -> None:
             "--cfg-options",
             help="Config overrides key=value ... e.g. --set training.lr=1e-4 data.max_length=1024",
         ),
-        no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of a progress bar."),
+        no_progress: bool = typer.Option(False, "--no-progress",
+                                         help="Plain log lines instead of a progress bar, also on a terminal."),
     ) -> None:
         from tunesmith.train.launch import relaunch
 
@@ -84,14 +90,12 @@ def register(app: typer.Typer) -> None:
         flags += [f"training.seed={seed}"] if seed is not None else []
         flags += [f"work_dir={work_dir}"] if work_dir is not None else []
         cfg, stem = load_config(config, sets + flags)
-        result = train(cfg, resume=resume, config_name=stem, progress=not no_progress and sys.stdout.isatty())
+        result = train(cfg, resume=resume, config_name=stem, progress=not no_progress)  # it prints the summary
         is_main = os.environ.get("RANK", "0") == "0"
         if result.interrupted:
             if is_main:
                 typer.echo(f"resume with:\n  {resume_command(result.work_dir)}")
             raise typer.Exit(130)
-        if result.last_checkpoint is not None and is_main:
-            typer.echo(f"done: {result.steps} steps in {result.seconds:.0f}s; last checkpoint {result.last_checkpoint}")
 
 
 def resume_command(work_dir: Path) -> str:

@@ -1,6 +1,6 @@
 """Training: the loop (loop.py), optimizer + schedule (optim.py), token-weighted loss (loss.py),
-checkpoints (checkpoint.py), logs (metrics.py), evaluation prompts (eval_hook.py), DDP / DeepSpeed
-(distributed.py) and the torchrun launcher (launch.py).
+checkpoints (checkpoint.py), metrics files (metrics.py), the console and train.log (runlog.py), evaluation
+prompts (eval_hook.py), DDP / DeepSpeed (distributed.py) and the torchrun launcher (launch.py).
 
     from tunesmith.config import load_config
     from tunesmith.train import train

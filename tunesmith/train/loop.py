@@ -7,6 +7,9 @@
 3. The loop: one :class:`~tunesmith.train.step.TrainStep` per accumulation window, then the schedule, logs,
    evaluation prompts and checkpoints.
 4. Ctrl-C finishes the current step, saves, and reports the interruption (the CLI prints the resume command).
+
+Everything the loop prints goes through one :class:`~tunesmith.train.runlog.RunLog`: the console and
+``work_dir/train.log`` (rank 0 only).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tunesmith.config import TrainConfig, config_hash, default_work_dir
 from tunesmith.errors import TunesmithError
 from tunesmith.files import make_parent, write_text_atomic
 from tunesmith.models import resolve_model_path
+from tunesmith.progress import format_duration, library_bars
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.distributed import (
     DistEnv,
@@ -43,8 +47,9 @@ from tunesmith.train.eval_hook import EvaluateChat
 from tunesmith.train.failures import nan_error, oom_error
 from tunesmith.train.loss import CausalLMLoss
 from tunesmith.train.memory import fit_activations, longest_batch, planning_wanted
-from tunesmith.train.metrics import MetricsWriter, ProgressBar
+from tunesmith.train.metrics import MetricsWriter
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
+from tunesmith.train.runlog import RunLog
 from tunesmith.train.setup import (
     build_data,
     environment_info,
@@ -73,7 +78,9 @@ class TrainResult:
 def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           progress: bool = True, config_name: str | None = None) -> TrainResult:
     """Fine-tune the model of ``cfg``; returns a TrainResult. ``resume`` = "auto" or a checkpoint folder.
-    ``work_dir`` defaults to ``cfg.work_dir``, else ``work_dirs/<config_name>``."""
+    ``work_dir`` defaults to ``cfg.work_dir``, else ``work_dirs/<config_name>``. ``progress``: live bars when
+    stdout is a terminal (plain lines otherwise, and always with False); ``work_dir/train.log`` gets the lines
+    either way."""
     start_time = time.perf_counter()
     work_dir = Path(work_dir or default_work_dir(cfg, config_name)).resolve()
     new_work_dir = not work_dir.exists()
@@ -88,7 +95,11 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
     env = setup_distributed(deepspeed=bool(cfg.distributed.deepspeed),
                             timeout_minutes=max(30.0, cfg.distributed.dataset_timeout_minutes))
     try:
-        return _train(cfg, env, work_dir, resume, progress, start_time)
+        with RunLog(work_dir if env.is_main else None, append=resume is not None, progress=progress,
+                    interval=cfg.training.log_interval, start_time=start_time) as log, library_bars(log.want_bar):
+            log.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunesmith train {config_name or work_dir.name}"
+                      + (f" --resume {resume}" if resume is not None else ""))
+            return _train(cfg, env, work_dir, resume, log, start_time)
     except BaseException:
         if new_work_dir and env.is_main:
             _remove_if_unused(work_dir)
@@ -117,11 +128,11 @@ def _resume_path(resume: Any, work_dir: Path, chash: str, env: DistEnv, printer)
     return path
 
 
-def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress: bool,
+def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: RunLog,
            start_time: float) -> TrainResult:
     t = cfg.training
     chash = config_hash(cfg)
-    printer = (lambda s: print(s, flush=True)) if env.is_main else (lambda s: None)
+    printer = log.print
 
     # --- setup ----------------------------------------------------------------------------------------------
     resume_path = _resume_path(resume, work_dir, chash, env, printer)
@@ -136,7 +147,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     stage = zero_stage(ds_config)
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg, model_path)
-    data = build_data(cfg, tokenizer, env, progress=progress, printer=printer)  # data problems before the model
+    data = build_data(cfg, tokenizer, env, progress=log.want_bar, printer=printer)  # data problems before the model
     model, fast = load_model(cfg, model_path, env, precision, stage)
     params = trainable_parameters(model)
     resumed = ckpt.load_checkpoint(resume_path, rank=env.rank) if resume_path is not None else None
@@ -213,9 +224,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
         return path
 
     # --- the loop ---------------------------------------------------------------------------------------------
-    bar = ProgressBar(data.total_steps, start_step=pos.step, enabled=env.is_main and progress)
-    if bar.progress is not None:
-        printer = evaluator.printer = bar.print
+    log.start_steps(data.total_steps, pos.step)
     losses: list[float] = []
     last_saved: Path | None = resume_path
     last_saved_step = pos.step if resumed is not None else -1
@@ -248,11 +257,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
                           "tokens_per_s": out.input_tokens * env.world_size / max(time.perf_counter() - clock, 1e-9),
                           "memory_gb": round(memory_gb(env.device), 3)}
                 metrics.log(pos.step, values)
-                bar.update(pos.step, pos.epoch + 1, values)
-                if bar.progress is None and env.is_main and (pos.step % t.log_interval == 0 or pos.step == 1):
-                    norm = out.grad_norm if out.grad_norm is None else round(out.grad_norm, 4)
-                    printer(f"step {pos.step}/{data.total_steps} epoch {pos.epoch + 1} loss {loss:.4f} lr {lr:.3e} "
-                            f"grad_norm {norm} tok/s {values['tokens_per_s']:.0f} mem {values['memory_gb']:.2f}GiB")
+                log.step(pos.step, pos.epoch + 1, values)
 
                 epoch_done = pos.samples_in_epoch >= data.epoch_samples
                 if epoch_done:
@@ -273,13 +278,16 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, progress
     except torch.OutOfMemoryError as exc:
         raise oom_error(cfg, stage) from exc
     finally:
-        bar.close()
+        log.stop_bar()
         metrics.plot()
         metrics.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-    if interrupted["flag"] and env.is_main:
-        print(f"training interrupted at step {pos.step}; checkpoint {last_saved}", flush=True)
+    seconds = time.perf_counter() - start_time
+    if interrupted["flag"]:
+        printer(f"training interrupted at step {pos.step}; checkpoint {last_saved}")
+    else:
+        printer(f"done: {pos.step} steps in {format_duration(seconds)}"
+                + (f", last loss {losses[-1]:.4f}" if losses else "") + f"; last checkpoint {last_saved}")
     return TrainResult(work_dir=work_dir, steps=pos.step, total_steps=data.total_steps, epochs_completed=pos.epoch,
-                       losses=losses, last_checkpoint=last_saved, interrupted=interrupted["flag"],
-                       seconds=time.perf_counter() - start_time)
+                       losses=losses, last_checkpoint=last_saved, interrupted=interrupted["flag"], seconds=seconds)

@@ -1,4 +1,5 @@
-"""Where training numbers go: `metrics.jsonl`, TensorBoard events, `loss.png`, and the console.
+"""Where training numbers go: `metrics.jsonl`, TensorBoard events and `loss.png` (the console and `train.log`
+are runlog.py's).
 
 Only rank 0 writes (construct with ``enabled=False`` elsewhere). On resume the JSONL is cut back to the
 checkpoint's step, so the file (and the plot) read like one uninterrupted run.
@@ -101,55 +102,3 @@ class MetricsWriter:
             self.tb.close()
             self.tb = None
 
-
-class ProgressBar:
-    """A rich progress bar: epoch, step/total, loss, lr, grad norm, tokens/s, memory, ETA (rank 0 only)."""
-
-    def __init__(self, total_steps: int, *, start_step: int = 0, enabled: bool = True):
-        self.enabled = enabled
-        self.progress = None
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch=1, info="")
-        self.progress.start()
-
-    def update(self, step: int, epoch: int, values: dict[str, Any]) -> None:
-        if self.progress is None:
-            return
-        parts = [f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}"]
-        if values.get("grad_norm") is not None:
-            parts.append(f"gnorm {values['grad_norm']:.3f}")
-        parts.append(f"{values.get('tokens_per_s', 0):.0f} tok/s")
-        if values.get("memory_gb") is not None:
-            parts.append(f"mem {values['memory_gb']:.1f}GB")
-        self.progress.update(self.task, completed=step, epoch=epoch, info=" ".join(parts))
-
-    def print(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, markup=False, highlight=False)
-        elif self.enabled:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None

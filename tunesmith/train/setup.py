@@ -135,11 +135,12 @@ class TrainData:
 
 
 def build_data(cfg: TrainConfig, tokenizer: Any, env: DistEnv, *, progress: bool, printer: Callable[[str], None]):
-    """Tokenized (cached) and packed training data, this rank's loaders, and the run's number of steps."""
+    """Tokenized (cached) and packed training data, this rank's loaders, and the run's number of steps.
+    Tokenizing shows a bar with ``progress``, else a few plain lines through ``printer`` (rank 0)."""
     from tunesmith.data import build_train_dataset, make_dataloader
 
     t = cfg.training
-    with callback_bar("tokenizing", enabled=env.is_main and progress) as report:
+    with callback_bar("tokenizing", enabled=env.is_main, bar=progress, printer=printer) as report:
         dataset, stats = rank0_first(env, lambda: build_train_dataset(cfg, tokenizer, progress=report),
                                      timeout_minutes=cfg.distributed.dataset_timeout_minutes)
     if len(dataset) == 0:
