@@ -136,6 +136,11 @@ def test_chat_cli_says_the_template_comes_from_the_adapter(tiny_llama, adapter):
     with contextlib.redirect_stderr(err):
         run_chat(opts, stdin=io.StringIO("hello\n\nexit\n"), stdout=out)
     assert "model ready: template internlm_chat (the adapter's)" in err.getvalue()
+    err = io.StringIO()
+    opts.prompt_template = "chatml"  # the user's choice is not labelled as the adapter's
+    with contextlib.redirect_stderr(err):
+        run_chat(opts, stdin=io.StringIO("hello\n\nexit\n"), stdout=io.StringIO())
+    assert "model ready: template chatml, decoding" in err.getvalue()
 
 
 def test_flag_change_is_a_different_adapter_setup(tiny_llama, adapter, tmp_path):

@@ -1,9 +1,10 @@
-"""`convert pth_to_hf`, `convert merge`, `convert split`: parse, call tunesmith.export, print.
+"""`convert pth_to_hf`, `convert merge`, `convert split`, `convert gguf`: parse, call tunesmith.export, print.
 `convert xtuner-config`: parse, call tunesmith.config.xtuner, print."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,8 +13,8 @@ from tunesmith.progress import callback_bar
 
 convert_app = typer.Typer(
     name="convert",
-    help="Turn checkpoints into Hugging Face folders: pth_to_hf, merge (adapter into base), split; "
-    "xtuner-config turns an XTuner .py config into a tunesmith YAML config.",
+    help="Turn checkpoints into Hugging Face folders: pth_to_hf, merge (adapter into base), split; gguf writes a "
+    "model (+ adapter) for llama.cpp / Ollama; xtuner-config turns an XTuner .py config into a tunesmith YAML config.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -126,6 +127,60 @@ def split_cmd(
         result = split_checkpoint(src, dst, overwrite=overwrite, progress=progress)
     kind = "safetensors" if result.safe else ".bin"
     typer.echo(f"wrote {result.shards} {kind} shards ({format_size(result.total_bytes)}) to {result.save_dir}")
+
+
+GGUF_HELP = """Write a model, with a LoRA adapter merged in when given, as one GGUF file (llama.cpp, Ollama, LM Studio).
+
+Streams tensor by tensor: nothing is built and memory stays at about one tensor (the adapter is merged into
+each weight as it is read, as convert merge does). Writes Llama-family models (Llama, SmolLM2, Mistral without
+a sliding window), InternLM2 (its fused wqkv split) and InternLM v1 without biases, all as llama.cpp's llama
+architecture; others are refused. The tokenizer (the adapter's, which carries the training chat template, when
+the adapter folder has one) goes in with its chat template.
+
+\b
+--type: f16 (default), bf16, f32, q8_0 or q4_0. Norms stay f32; token_embd and output take the type, except
+q4_0, which keeps the output projection at q8_0 (as llama-quantize keeps it at higher precision). K-quants
+(q4_k_m ...): write f16, then run llama.cpp's llama-quantize OUT.gguf OUT-Q4_K_M.gguf Q4_K_M.
+
+--ollama also writes a Modelfile beside OUT (FROM, TEMPLATE rendering the training prompt, SYSTEM, stop
+words): --prompt-template when given, else the adapter's recorded training template, else the named template
+matching the tokenizer's own chat template.
+
+\b
+Example:
+  tunesmith convert gguf builtin:smollm2-135m-instruct ./smollm2-ft.gguf --adapter ./hf --type q8_0 --ollama
+  ollama create smollm2-ft -f Modelfile
+"""
+
+
+@convert_app.command("gguf", help=GGUF_HELP)
+def gguf_cmd(
+    model: str = typer.Argument(..., help="Base model: folder, hub id or builtin:smollm2-135m-instruct."),
+    out: Path = typer.Argument(..., help="The GGUF file to write (*.gguf)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter folder (from convert pth_to_hf) "
+                                                                   "to merge in."),
+    out_type: str = typer.Option("f16", "--type", help="f16, bf16, f32, q8_0 or q4_0."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write an Ollama Modelfile beside OUT."),
+    prompt_template: Optional[str] = typer.Option(
+        None, "--prompt-template",
+        help="The Modelfile's template (tunesmith list-template). Default: the adapter's training template, else "
+             "the named template matching the tokenizer's chat template."),
+    device: str = typer.Option("auto", "--device", help="Where the adapter merge runs: cpu, cuda or auto."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT (and the Modelfile) if they exist."),
+) -> None:
+    from tunesmith.export.shards import format_size
+    from tunesmith.export.to_gguf import export_gguf
+
+    with callback_bar("writing", unit="bytes", stderr=True) as progress:
+        result = export_gguf(model, out, adapter=adapter, out_type=out_type, ollama=ollama,
+                             prompt_template=prompt_template, device=device, overwrite=overwrite, progress=progress)
+    typer.echo(f"wrote {result.path} ({result.out_type}, {result.tensors} tensors, {format_size(result.total_bytes)}, "
+               f"vocabulary {result.vocab}) in {result.seconds:.1f} s")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    if result.modelfile is not None:
+        typer.echo(f"wrote {result.modelfile} (template {result.template})")
+        typer.echo(f"next: ollama create {result.path.stem} -f {result.modelfile}")
 
 
 XTUNER_CONFIG_HELP = """Turn an XTuner 0.x Python config into a complete tunesmith YAML config.

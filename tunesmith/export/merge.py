@@ -10,12 +10,15 @@ The base must be full precision: merging into 4-bit weights would quantize the d
 bases are written back in their own layout (export/layout.py). The output folder gets the index, config,
 generation config and the tokenizer (the adapter's, carrying the training chat template, when it has one).
 Everything is written to a temporary folder that is renamed into place at the end.
+
+`iter_trained_tensors` gives the same merge one tensor at a time under the trained model's names (InternLM2's
+wqkv as q / k / v), for writers of other formats (export/to_gguf.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +118,16 @@ def _mismatch_error(adapter: Adapter, base: Path, missing: list[str]) -> Tunesmi
 
 
 @dataclass
-class _Plan:
+class MergePlan:
     refs: list[TensorRef]
     parts: list[list[tuple[str, tuple[int, ...]]]]  # per base tensor: trained-model names and shapes
     extras: list[tuple[str, str]]  # (base-layout name, trained name) of tensors the base does not store
     untie: bool
 
 
-def _plan(base: Path, adapter: Adapter, refs: list[TensorRef], layout: Layout) -> _Plan:
+def plan_merge(base: Path, adapter: Adapter, refs: list[TensorRef], layout: Layout) -> MergePlan:
+    """Which trained-model tensors each base tensor holds, and the tensors the base lacks (an untied head);
+    TunesmithError when the adapter does not fit the base."""
     parts = [layout.trained_names(r.name, r.shape) for r in refs]
     shapes = {n: s for ps in parts for n, s in ps}
     extras: list[tuple[str, str]] = []
@@ -157,7 +162,65 @@ def _plan(base: Path, adapter: Adapter, refs: list[TensorRef], layout: Layout) -
                     f"adapter {adapter.folder}: the LoRA of {name.rsplit('.', 1)[0]} makes a {got} delta, "
                     f"the base weight is {want}",
                     "merge into the model the adapter was trained on (same size)")
-    return _Plan(refs, parts, extras, untie)
+    return MergePlan(refs, parts, extras, untie)
+
+
+def merge_parts(adapter: Adapter, names: list[str], pieces: list[torch.Tensor], device: torch.device,
+                dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The parts of one base tensor (trained-model `names`) with the adapter's updates applied, on the CPU in fp32;
+    a lone updated part is cast to `dtype` (when given) on the device first: half the bytes to copy back."""
+    new = []
+    for n, piece in zip(names, pieces):
+        upd = adapter.updates.get(n)
+        if upd is None:
+            new.append(piece.to(torch.float32))
+            continue
+        merged = upd.apply(piece, device, owned=len(pieces) == 1)
+        if len(pieces) == 1 and dtype is not None:
+            merged = merged.to(dtype)
+        new.append(merged.cpu())
+    return new
+
+
+def extra_value(adapter: Adapter, layout: Layout, embed_ref: TensorRef, trained: str) -> torch.Tensor:
+    """A tensor the plan adds that the base does not store: the trained head, or the original embedding
+    (`EMBED@original`) kept as the head when only the embedding was trained."""
+    if trained == EMBED + "@original":
+        return layout.split(embed_ref.name, embed_ref.load())[0]
+    return adapter.updates[trained].replace
+
+
+def iter_trained_tensors(refs: list[TensorRef], layout: Layout, *, adapter: Adapter | None = None,
+                         plan: MergePlan | None = None, device: torch.device | None = None,
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(trained-model name, tensor) of every tensor of the (merged) model, one base tensor at a time in the base's
+    order, then the tensors the plan adds (an untied head). Parts the adapter does not touch keep their dtype;
+    updated ones are fp32. InternLM2's fused wqkv comes out as its q / k / v parts. `plan` is plan_merge's for
+    `adapter`; without an adapter the base's own tensors come out under their trained-model names."""
+    device = device or torch.device("cpu")
+    current_file = None
+    embed_ref = None
+    try:
+        for ref in refs:
+            if ref.file != current_file:  # free the previous .bin shard's map
+                release(r for r in refs if r.file == current_file)
+                current_file = ref.file
+            names = [n for n, _ in layout.trained_names(ref.name, ref.shape)]
+            if EMBED in names:
+                embed_ref = ref
+            if not names:
+                continue
+            pieces = layout.split(ref.name, ref.load())
+            if adapter is not None and any(n in adapter.updates for n in names):
+                pieces = merge_parts(adapter, names, pieces, device)
+            yield from zip(names, pieces)
+            del pieces
+        release(refs)
+        if adapter is not None and plan is not None:
+            for _base_name, trained in plan.extras:  # both kinds of extra are the (untied) head
+                yield HEAD, extra_value(adapter, layout, embed_ref, trained)
+    finally:
+        release(refs)
 
 
 def merge_adapter(
@@ -195,7 +258,7 @@ def merge_adapter(
     refs = list_tensors(weight_files(base_dir))
     check_full_precision(base_dir, config, refs)
     layout = layout_for(config)
-    plan = _plan(base_dir, adapter_obj, refs, layout)
+    plan = plan_merge(base_dir, adapter_obj, refs, layout)
 
     def out_type(dt: torch.dtype) -> torch.dtype:
         return out_dtype if out_dtype is not None and dt.is_floating_point else dt
@@ -226,26 +289,13 @@ def merge_adapter(
                     continue
                 tensor = ref.load()
                 pieces = layout.split(ref.name, tensor)
-                new = []
-                for n, piece in zip(names, pieces):
-                    upd = adapter_obj.updates.get(n)
-                    if upd is None:
-                        new.append(piece.to(torch.float32))
-                        continue
-                    merged = upd.apply(piece, dev, owned=len(pieces) == 1)
-                    if len(pieces) == 1:  # cast on the device: half the bytes to copy back
-                        merged = merged.to(entry[1])
-                    new.append(merged.cpu())
+                new = merge_parts(adapter_obj, names, pieces, dev, entry[1])
                 del tensor, pieces
                 writer.write(ref.name, layout.join(ref.name, new).to(entry[1]))
                 del new
             release(refs)
             for (base_name, trained), entry in zip(plan.extras, entries[len(refs):]):
-                if trained == EMBED + "@original":
-                    value = layout.split(embed_ref.name, embed_ref.load())[0]
-                else:
-                    value = adapter_obj.updates[trained].replace
-                writer.write(base_name, value.to(entry[1]))
+                writer.write(base_name, extra_value(adapter_obj, layout, embed_ref, trained).to(entry[1]))
             writer.finish()
         finally:
             writer.abort()

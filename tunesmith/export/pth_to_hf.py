@@ -34,6 +34,7 @@ from tunesmith.export.folder import (
     write_json,
 )
 from tunesmith.export.layout import layout_for
+from tunesmith.export.prompt_record import META_FILE, prompt_record
 from tunesmith.export.shards import (
     ShardWriter,
     TensorRef,
@@ -191,14 +192,6 @@ def chat_template_for(tokenizer, cfg) -> str | None:
     return chat_template_jinja(template, add_bos=add_bos, default_system=default)
 
 
-def trained_prompt_record(cfg) -> dict[str, Any]:
-    """What chat / serve / eval need to render prompts as training did (read by tunesmith.infer.trained_prompt)."""
-    from tunesmith.data.templates import resolve_system
-
-    return {"template": cfg.data.prompt_template, "system": resolve_system(cfg.data.system, cfg.data.system_template),
-            "model_default_system": cfg.data.model_default_system}
-
-
 def save_tokenizer(cfg, dst: Path) -> None:
     """The base's tokenizer (tokenizer only, no weights) with the training chat template, saved into dst."""
     from tunesmith.models import load_tokenizer
@@ -353,8 +346,8 @@ def pth_to_hf(
 
             config_text = dump_config(cfg, Path(str(config)).stem, CONFIG_COPY)
         (tmp / CONFIG_COPY).write_text(config_text, encoding="utf-8")
-        (tmp / "tunesmith_meta.json").write_text(json.dumps(
+        (tmp / META_FILE).write_text(json.dumps(
             {"source": str(pth.resolve()), "epoch": meta.get("epoch"), "step": meta.get("step"),
-             "method": method, "config_hash": meta.get("config_hash"), "prompt": trained_prompt_record(cfg)},
+             "method": method, "config_hash": meta.get("config_hash"), "prompt": prompt_record(cfg)},
             indent=2) + "\n", encoding="utf-8")
     return PthToHfResult(save_dir, kind, files, dtype, str(cfg.model.path))

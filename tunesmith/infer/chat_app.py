@@ -111,7 +111,8 @@ def run_chat(opts: ChatOptions, *, stdin: TextIO | None = None, stdout: TextIO |
     template, system = choose_prompt(opts.adapter, opts.prompt_template, system, warn=_say)
     session = ChatSession(generator, template, system=system, bot_name=opts.bot_name,
                           sampling=sampling, stop_words=extra_stops)
-    origin = " (the adapter's)" if opts.adapter and read_trained_prompt(opts.adapter) else ""
+    trained = read_trained_prompt(opts.adapter)
+    origin = " (the adapter's)" if trained and opts.prompt_template in (None, trained.template) else ""
     _say(f"model ready: template {session.template.name}{origin}, decoding {generator.mode} on {generator.device}")
 
     def stream_piece(piece: str) -> None:
