@@ -266,4 +266,4 @@ def test_hub_dataset_when_online(monkeypatch):
     with pytest.raises(TunesmithError) as exc:
         read_records("someone/guanaco-like", "oasst1")
     assert "could not be loaded from the hub (Name or service not known)" in exc.value.message
-    assert "huggingface-cli download --repo-type dataset someone/guanaco-like" in exc.value.hint
+    assert "hf download --repo-type dataset someone/guanaco-like" in exc.value.hint

@@ -131,5 +131,36 @@ def test_out_of_memory_names_what_to_lower(make_cfg, tmp_path, monkeypatch):
               progress=False)
     text = str(info.value)
     for setting in ("out of memory", "training.batch_size", "data.max_length", "gradient_checkpointing",
-                    "deepspeed_zero", "quantization.bits=4"):
+                    "deepspeed_zero", "method=qlora"):
         assert setting in text, setting
+
+
+def test_out_of_memory_while_loading_is_one_line_too(make_cfg, tmp_path, monkeypatch):
+    from tunesmith.train import loop
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB")
+
+    monkeypatch.setattr(loop, "load_model", oom)
+    with pytest.raises(TunesmithError, match="CUDA out of memory during training") as info:
+        train(make_cfg(training={"max_steps": 2, "gradient_checkpointing": True}, evaluation={"inputs": []}),
+              work_dir=tmp_path / "w", progress=False)
+    assert "speed.memory_fraction" not in str(info.value)  # no activation plan was made: it would change nothing
+    assert not (tmp_path / "w").exists()
+
+
+def test_oom_hint_names_memory_fraction_only_for_a_planned_run(make_cfg):
+    from tunesmith.train.failures import oom_error
+
+    cfg = make_cfg(training={"gradient_checkpointing": True})
+    assert "speed.memory_fraction" in oom_error(cfg, 0, planned=True).hint
+    assert "speed.memory_fraction" not in oom_error(cfg, 0, planned=False).hint
+
+
+def test_deepspeed_missing_leaves_no_work_dir(make_cfg, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    with pytest.raises(TunesmithError, match="needs the deepspeed package"):
+        train(make_cfg(distributed={"deepspeed": "deepspeed_zero2"}), work_dir=tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()

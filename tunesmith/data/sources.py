@@ -237,7 +237,7 @@ def _load_modelscope(dataset_id: str, name: str | None, split: str | None) -> An
 
 def _iter_hub(dataset_id: str, name: str | None, split: str | None) -> Iterator[RawRecord]:
     local = f"./{dataset_id.split('/')[-1]}"
-    hint = (f"download it once (Hugging Face: `huggingface-cli download --repo-type dataset {dataset_id} "
+    hint = (f"download it once (Hugging Face: `hf download --repo-type dataset {dataset_id} "
             f"--local-dir {local}`; ModelScope: `modelscope download --dataset {dataset_id} --local_dir {local}`) "
             "and set data.path to the local folder")
     offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "YES", "yes") or os.environ.get(

@@ -36,7 +36,8 @@ def check_loadable(folder: Path, config: dict, trust_remote_code: bool) -> None:
         raise TunesmithError(
             f"{folder} needs remote code: model_type {model_type!r} ({arch}) is not built into "
             f"transformers {transformers.__version__} and its config.json points at Python files in the folder",
-            "pass --trust-remote-code (model.trust_remote_code: true) if you trust that code",
+            "if you trust that code: --trust-remote-code (chat, serve, eval, merge) or "
+            "model.trust_remote_code: true (train)",
         )
     raise TunesmithError(
         f"{folder}: model_type {model_type!r} ({arch}) is unknown to transformers {transformers.__version__}",
@@ -114,7 +115,9 @@ def load_model(
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise TunesmithError(
-                f"{folder} needs remote code to load", "pass --trust-remote-code if you trust the code in that folder"
+                f"{folder} needs remote code to load",
+                "if you trust the code in that folder: --trust-remote-code (chat, serve, eval, merge) or "
+                "model.trust_remote_code: true (train)",
             ) from None
         if "Unrecognized configuration class" in str(exc):
             raise TunesmithError(

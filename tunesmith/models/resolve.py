@@ -153,7 +153,7 @@ def _from_modelscope(repo_id: str, *, hf_error: str) -> Path:
     it); a TunesmithError naming both hubs' failures when that does not work either."""
     local = f"./{repo_id.rsplit('/', 1)[-1]}"
     download_once = (f"download it once (`modelscope download --model {repo_id} --local_dir {local}`, or "
-                     f"`huggingface-cli download {repo_id} --local-dir {local}`) and pass {local} as the model")
+                     f"`hf download {repo_id} --local-dir {local}`) and pass {local} as the model")
     what = (f"model path {repo_id} does not exist locally and could not be fetched from the Hugging Face hub "
             f"({hf_error})")
     try:
@@ -162,12 +162,12 @@ def _from_modelscope(repo_id: str, *, hf_error: str) -> Path:
         raise TunesmithError(
             f"{what}; ModelScope was not tried: the modelscope package is not installed",
             f"check the path; for a ModelScope model pip install modelscope (or 'tunesmith[modelscope]'), or "
-            f"{download_once}; for a gated Hugging Face model run `huggingface-cli login`",
+            f"{download_once}; for a gated Hugging Face model run `hf auth login`",
         ) from None
     try:
         return _snapshot(snapshot_download, repo_id)
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo ...
         raise TunesmithError(
             f"{what} or from ModelScope ({_first_line(exc)})",
-            f"check the path; offline, {download_once}; for a gated Hugging Face model run `huggingface-cli login`",
+            f"check the path; offline, {download_once}; for a gated Hugging Face model run `hf auth login`",
         ) from None

@@ -6,12 +6,13 @@ from tunesmith.config import TrainConfig
 from tunesmith.errors import TunesmithError
 
 
-def oom_error(cfg: TrainConfig, stage: int) -> TunesmithError:
+def oom_error(cfg: TrainConfig, stage: int, *, planned: bool = True) -> TunesmithError:
+    """`planned`: an activation plan sized this run (compiled layers), so speed.memory_fraction acts on it."""
     lower = [f"training.batch_size (now {cfg.training.batch_size}; raise accumulative_counts to keep the "
              f"effective batch)", f"data.max_length (now {cfg.data.max_length})"]
     if not cfg.training.gradient_checkpointing:
         lower.append("turn training.gradient_checkpointing on")
-    else:
+    elif planned:
         lower.append(f"speed.memory_fraction (now {cfg.speed.memory_fraction}: the share of the card the "
                      "activation plan fills)")
     if cfg.training.optimizer == "adamw":
@@ -20,7 +21,7 @@ def oom_error(cfg: TrainConfig, stage: int) -> TunesmithError:
         lower.append(f"a higher ZeRO stage (--deepspeed deepspeed_zero{min(stage + 1, 3) if stage else 2}"
                      f"{'' if stage else ' or deepspeed_zero3_offload'})")
     if cfg.method != "full" and cfg.quantization.bits != 4:
-        lower.append("quantization.bits=4 with method qlora")
+        lower.append("method=qlora (a 4-bit base)")
     elif cfg.method == "full":
         lower.append("method lora or qlora instead of full fine-tuning")
     return TunesmithError("CUDA out of memory during training", "lower: " + "; ".join(lower))

@@ -83,15 +83,15 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
     either way."""
     start_time = time.perf_counter()
     work_dir = Path(work_dir or default_work_dir(cfg, config_name)).resolve()
-    new_work_dir = not work_dir.exists()
-    make_parent(work_dir / "metrics.jsonl")  # creates it, or says in one line what is in the way
-    if cfg.distributed.deepspeed:
+    if cfg.distributed.deepspeed:  # before the work dir exists: a refused run leaves nothing behind
         deepspeed_config_path(cfg.distributed.deepspeed)  # an unknown name fails here, before anything slow
         try:
             import deepspeed as _  # noqa: F401
         except ImportError as exc:
             raise TunesmithError("--deepspeed needs the deepspeed package, which is not installed",
                                  "pip install 'tunesmith[deepspeed]' (or pip install deepspeed)") from exc
+    new_work_dir = not work_dir.exists()
+    make_parent(work_dir / "metrics.jsonl")  # creates it, or says in one line what is in the way
     env = setup_distributed(deepspeed=bool(cfg.distributed.deepspeed),
                             timeout_minutes=max(30.0, cfg.distributed.dataset_timeout_minutes))
     try:
@@ -99,13 +99,21 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
                     interval=cfg.training.log_interval, start_time=start_time) as log, library_bars(log.want_bar):
             log.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunesmith train {config_name or work_dir.name}"
                       + (f" --resume {resume}" if resume is not None else ""))
-            return _train(cfg, env, work_dir, resume, log, start_time)
+            try:
+                return _train(cfg, env, work_dir, resume, log, start_time)
+            except torch.OutOfMemoryError as exc:  # loading, planning or the first evaluation (steps: below)
+                raise oom_error(cfg, _named_zero_stage(cfg), planned=False) from exc
     except BaseException:
         if new_work_dir and env.is_main:
             _remove_if_unused(work_dir)
         raise
     finally:
         teardown_distributed()
+
+
+def _named_zero_stage(cfg: TrainConfig) -> int:
+    name = cfg.distributed.deepspeed or ""
+    return next((stage for stage in (3, 2, 1) if f"zero{stage}" in name), 0)
 
 
 def _remove_if_unused(work_dir: Path) -> None:
@@ -276,7 +284,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
         if not interrupted["flag"] and (cfg.evaluation.every_n_steps is None or not evaluator.due(pos.step)):
             evaluator.run(model, pos.step)
     except torch.OutOfMemoryError as exc:
-        raise oom_error(cfg, stage) from exc
+        raise oom_error(cfg, stage, planned=activation_plan is not None) from exc
     finally:
         log.stop_bar()
         metrics.plot()
