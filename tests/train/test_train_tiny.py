@@ -100,8 +100,18 @@ def test_resume_with_other_config_is_refused(make_cfg, tmp_path):
     work = tmp_path / "work"
     train(make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}), work_dir=work, progress=False)
     other = make_cfg(training={"max_steps": 2, "lr": 1e-2}, evaluation={"inputs": []})
-    with pytest.raises(TunesmithError, match="different config"):
+    with pytest.raises(TunesmithError, match=r"different config \(training.lr 0.\d+ -> 0.01\)"):
         train(other, work_dir=work, resume="auto", progress=False)
+
+
+def test_resume_may_run_longer_and_change_what_leaves_the_arithmetic_alone(make_cfg, tmp_path, capsys):
+    work = tmp_path / "work"
+    train(make_cfg(training={"max_steps": 2}, evaluation={"inputs": []}), work_dir=work, progress=False)
+    longer = make_cfg(training={"max_steps": 4, "save_total_limit": 3}, evaluation={"inputs": []})
+    result = train(longer, work_dir=work, resume="auto", progress=False)
+    assert result.steps == 4 and result.last_checkpoint.name == "iter_4.pth"
+    out = capsys.readouterr().out
+    assert "resuming with changed settings: training.max_steps 2 -> 4, training.save_total_limit 2 -> 3" in out
 
 
 def test_nan_loss_stops_with_step(make_cfg, tmp_path, monkeypatch):

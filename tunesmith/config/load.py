@@ -116,8 +116,33 @@ def default_work_dir(cfg: TrainConfig, config_name: str | None = None) -> Path:
     return Path(cfg.work_dir) if cfg.work_dir else Path("work_dirs") / (config_name or "run")
 
 
+_NOT_THE_RUN = {"work_dir": True, "logging": True, "evaluation": True}  # where it writes, what it reports
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    """A stable hash of what decides the training run (used to refuse resuming with another config)."""
-    relevant = cfg.model_dump(mode="json", exclude={"work_dir": True, "logging": True, "evaluation": True})
+    """A stable hash of what decides the training run (checkpoints carry it; resuming compares it)."""
+    relevant = cfg.model_dump(mode="json", exclude=_NOT_THE_RUN)
     blob = json.dumps(relevant, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config (or its dumped dict) as {"section.key": value}."""
+    if isinstance(tree, TrainConfig):
+        tree = tree.model_dump(mode="json")
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flat_settings(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def run_settings(data: dict[str, Any] | TrainConfig) -> dict[str, Any] | None:
+    """The flat settings that decide a run (those config_hash covers), the schema's defaults filled in; None
+    when `data` does not validate (a config of an older schema)."""
+    try:
+        cfg = data if isinstance(data, TrainConfig) else TrainConfig.model_validate(data)
+    except ValidationError:
+        return None
+    return flat_settings(cfg.model_dump(mode="json", exclude=_NOT_THE_RUN))

@@ -105,31 +105,8 @@ ADAPTER_KEYS = ("method", "model", "quantization", "lora", "data.prompt_template
                 "data.system_template", "data.model_default_system")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def _adapter_settings(data: dict[str, Any]) -> dict[str, Any]:
-    flat = _flatten(data)
-    return {k: v for k, v in flat.items() if any(k == key or k.startswith(key + ".") for key in ADAPTER_KEYS)}
-
-
-def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with the schema's defaults filled in, so that a key added to the schema after the
-    checkpoint was written compares as its default (a config that no longer validates is compared as written)."""
-    from pydantic import ValidationError
-
-    from tunesmith.config.schema import TrainConfig
-
-    try:
-        return TrainConfig.model_validate(saved).model_dump(mode="json")
-    except ValidationError:  # an older schema's config: compare what it says
-        return saved
+def _adapter_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if any(k == key or k.startswith(key + ".") for key in ADAPTER_KEYS)}
 
 
 def check_config_matches(cfg, meta: dict[str, Any], config_name: str, pth: Path) -> None:
@@ -138,6 +115,7 @@ def check_config_matches(cfg, meta: dict[str, Any], config_name: str, pth: Path)
     import yaml
 
     from tunesmith.config import config_hash
+    from tunesmith.config.load import flat_settings, run_settings
 
     hint = f"pass the config that trained it (a copy is in {pth / 'config.yaml'})"
     method = meta.get("method")
@@ -146,8 +124,10 @@ def check_config_matches(cfg, meta: dict[str, Any], config_name: str, pth: Path)
                              f"{cfg.method!r}", hint)
     saved_file = pth / "config.yaml"
     if saved_file.is_file():
-        saved = _adapter_settings(_with_defaults(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}))
-        ours = _adapter_settings(cfg.model_dump(mode="json"))
+        raw = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        # defaults filled in, so that a key added to the schema after the checkpoint compares as its default
+        saved = _adapter_settings(run_settings(raw) or flat_settings(raw))
+        ours = _adapter_settings(flat_settings(cfg))
         differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
         if differ:
             shown = ", ".join(f"{k}: {saved.get(k)!r} vs {ours.get(k)!r}" for k in differ[:3])

@@ -241,13 +241,41 @@ def load_checkpoint(path: Path, *, rank: int = 0) -> dict[str, Any]:
     }
 
 
-def check_config_hash(meta: dict[str, Any], expected: str, path: Path) -> None:
-    if meta.get("config_hash") != expected:
-        raise TunesmithError(
-            f"checkpoint {path} was written by a different config (hash {meta.get('config_hash')}, "
-            f"this config {expected})",
-            "resume with the config saved in that checkpoint (its config.yaml), or start a new --work-dir",
-        )
+# What a resumed run may change (XTuner lets a run be resumed with any config): how long it runs (the schedule is
+# recomputed for the new length), how it saves, and settings that leave its arithmetic alone (fast paths,
+# checkpointing, data loading). Any other difference makes it another run.
+RESUMABLE_CHANGES = ("training.max_steps", "training.max_epochs", "training.save_steps", "training.save_total_limit",
+                     "training.save_epochs", "training.log_interval", "training.gradient_checkpointing",
+                     "training.deterministic", "data.num_workers", "data.cache_dir", "data.strict", "speed")
+
+
+def check_resumable(meta: dict[str, Any], path: Path, cfg: Any, expected_hash: str,
+                    say: Callable[[str], None]) -> None:
+    """Refuse to resume `path` with a config that would make another run, naming the keys that differ; say
+    which resumable settings changed."""
+    import yaml
+
+    from tunesmith.config.load import run_settings
+
+    if meta.get("config_hash") == expected_hash:
+        return
+    hint = "resume with the config saved in that checkpoint (its config.yaml), or start a new --work-dir"
+    try:
+        saved = run_settings(yaml.safe_load((Path(path) / "config.yaml").read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if saved is None:
+        raise TunesmithError(f"checkpoint {path} was written by a different config (hash {meta.get('config_hash')}, "
+                             f"this config {expected_hash})", hint)
+    ours = run_settings(cfg)
+    differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    blocking = [k for k in differ if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+    shown = lambda keys: ", ".join(f"{k} {saved.get(k)!r} -> {ours.get(k)!r}" for k in keys)  # noqa: E731
+    if blocking:
+        raise TunesmithError(f"checkpoint {path} was written by a different config ({shown(blocking[:3])}"
+                             f"{', ...' if len(blocking) > 3 else ''})", hint)
+    if differ:
+        say(f"resuming with changed settings: {shown(differ)}")
 
 
 # ----------------------------------------------------------------------------------------- bookkeeping

@@ -122,7 +122,7 @@ def _remove_if_unused(work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _resume_path(resume: Any, work_dir: Path, chash: str, env: DistEnv, printer) -> Path | None:
+def _resume_path(resume: Any, work_dir: Path, cfg: TrainConfig, chash: str, env: DistEnv, printer) -> Path | None:
     if resume is None:
         return None
     if str(resume) == "auto":
@@ -132,7 +132,7 @@ def _resume_path(resume: Any, work_dir: Path, chash: str, env: DistEnv, printer)
     else:
         path = Path(resume)
     if path is not None:
-        ckpt.check_config_hash(ckpt.read_meta(path), chash, path)
+        ckpt.check_resumable(ckpt.read_meta(path), path, cfg, chash, printer)
     return path
 
 
@@ -143,7 +143,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
     printer = log.print
 
     # --- setup ----------------------------------------------------------------------------------------------
-    resume_path = _resume_path(resume, work_dir, chash, env, printer)
+    resume_path = _resume_path(resume, work_dir, cfg, chash, env, printer)
     if env.is_main:
         ckpt.remove_stale_temporaries(work_dir)
     seed_everything(t.seed, t.deterministic)
