@@ -83,16 +83,16 @@ def test_empty_file_and_missing_column_exit_2(tmp_path, capsys):
     assert code == 2 and "no column 'Q' (columns found: 'id', 'Question', 'Answer', 'Note')" in err
 
 
-def test_malformed_json_line_one_line_exit_2_in_a_real_process(tmp_path):
+def test_malformed_json_line_is_listed_exit_2_in_a_real_process(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "### Human: a### Assistant: b"}\n{"text": oops}\n', encoding="utf-8")
     cfg = config_file(tmp_path, path=str(data), format="oasst1")
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "check-custom-dataset", str(cfg), "--no-tokenizer"],
                           capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {data}:2: malformed JSON (Expecting value at column 10) (hint: fix or remove that line (each line "
-        "of a .jsonl file is one JSON value))"]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    # the checker lists a line that is not JSON like any other bad record, and goes on to the rest
+    assert f"  {data}:2: malformed JSON (Expecting value at column 10)" in proc.stdout.splitlines()
+    assert "2 records, 1 usable conversations" in proc.stdout and "NOT OK" in proc.stdout
 
 
 def test_log_dataset_shows_masked_text(tmp_path, capsys, smol_tok, monkeypatch):

@@ -165,8 +165,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"conversation": [{"input": "a", "output": "b"}]}\n\n{"conversation": [}\n', encoding="utf-8")
     with pytest.raises(TunesmithError) as exc:
-        read_records(path, "conversation")
+        read_records(path, "conversation", strict=True)
     assert exc.value.message.startswith(f"{path}:3: malformed JSON")
+    records, stats = read_records(path, "conversation")  # by default a bad line is one more skipped record
+    reason = "malformed: malformed JSON (Expecting value at column N)"
+    assert len(records) == 1 and stats.dropped == {reason: 1} and stats.malformed_at == {reason: [f"{path}:3"]}
+    _, _, problems = check_records(path, "conversation")
+    assert [(p.where, p.message) for p in problems] == [(f"{path}:3", "malformed JSON (Expecting value at column 19)")]
 
 
 def test_malformed_json_array_names_the_line(tmp_path):

@@ -26,7 +26,7 @@ from tunesmith.data.conversation import RecordError, SkipRecord, Turn
 from tunesmith.data.fields import as_bool, need, nonempty_list, text_field
 from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
 from tunesmith.data.msagent import msagent_react_map_fn
-from tunesmith.data.sources import RawRecord, iter_raw  # noqa: F401  (RawRecord: re-exported)
+from tunesmith.data.sources import RawRecord, UnreadableLine, iter_raw  # noqa: F401  (RawRecord: re-exported)
 from tunesmith.data.templates import SYSTEM_TEMPLATES
 from tunesmith.data.xtuner_readers import XTUNER_FORMATS
 from tunesmith.errors import TunesmithError, unknown_name_error
@@ -245,11 +245,13 @@ def _map_records(path: str | os.PathLike, f: DatasetFormat, stats: ReadStats,
     """Every raw record of `path` through the format's map function, counted in `stats`. Records the format
     skips on purpose count as dropped; a record it rejects goes to `on_error` (raise, or collect and go on)."""
     records: list[Record] = []
-    for raw in iter_raw(path, **raw_options):
+    for raw in iter_raw(path, keep_unreadable=True, **raw_options):
         if max_records is not None and stats.records_read >= max_records:
             break
         stats.records_read += 1
         try:
+            if isinstance(raw.data, UnreadableLine):
+                raise RecordError(raw.data.message)
             turns = f.map_fn(raw.data)
         except SkipRecord as exc:
             stats.dropped[str(exc)] += 1
@@ -303,8 +305,8 @@ class Problem:
 def check_records(path: str | os.PathLike, fmt: str | DatasetFormat, *, name: str | None = None,
                   split: str | None = "train", max_problems: int = 1000) -> tuple[list[Record], ReadStats,
                                                                                    list[Problem]]:
-    """Like read_records but collects every bad record instead of stopping at the first (file-level errors,
-    such as malformed JSON, still raise)."""
+    """Like read_records but collects every bad record instead of stopping at the first, malformed JSON lines
+    included (a file that cannot be read at all, e.g. a broken JSON array, still raises)."""
     f = get_format(fmt) if isinstance(fmt, str) else fmt
     stats = ReadStats()
     problems: list[Problem] = []

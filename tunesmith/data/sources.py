@@ -74,14 +74,24 @@ def _iter_json_array(path: Path, text: str, offset: int = 0) -> Iterator[RawReco
         pos = end
 
 
-def _iter_jsonl(path: Path, text: str) -> Iterator[RawRecord]:
+@dataclass(frozen=True)
+class UnreadableLine:
+    """A JSON-lines line that is not JSON, handed on as a record (with `keep_unreadable`) so that a reader can
+    skip and count it, or a checker list it, like any other bad record."""
+
+    message: str
+
+
+def _iter_jsonl(path: Path, text: str, keep_unreadable: bool = False) -> Iterator[RawRecord]:
     for i, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             value = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise _json_error(path, i, exc) from None
+            if not keep_unreadable:
+                raise _json_error(path, i, exc) from None
+            value = UnreadableLine(f"malformed JSON ({exc.msg} at column {exc.colno})")
         yield RawRecord(value, f"{path}:{i}", i)
 
 
@@ -96,7 +106,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _iter_json_file(path: Path) -> Iterator[RawRecord]:
+def _iter_json_file(path: Path, keep_unreadable: bool = False) -> Iterator[RawRecord]:
     text = _read_text(path)
     stripped = text.lstrip()
     if path.suffix == ".jsonl":
@@ -107,7 +117,7 @@ def _iter_json_file(path: Path) -> Iterator[RawRecord]:
             except json.JSONDecodeError:
                 yield from _iter_json_array(path, text)
                 return
-        yield from _iter_jsonl(path, text)
+        yield from _iter_jsonl(path, text, keep_unreadable)
         return
     if stripped.startswith("["):
         yield from _iter_json_array(path, text)
@@ -116,7 +126,7 @@ def _iter_json_file(path: Path) -> Iterator[RawRecord]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON lines saved as .json
-            yield from _iter_jsonl(path, text)
+            yield from _iter_jsonl(path, text, keep_unreadable)
             return
         raise _json_error(path, exc.lineno, exc) from None
     if isinstance(value, dict):
@@ -175,10 +185,12 @@ def _iter_txt(path: Path) -> Iterator[RawRecord]:
             yield RawRecord({"text": raw}, f"{path}:{i}", i)
 
 
-def iter_file(path: Path, *, sheet: str | int | None = None) -> Iterator[RawRecord]:
+def iter_file(path: Path, *, sheet: str | int | None = None, keep_unreadable: bool = False) -> Iterator[RawRecord]:
+    """The records of one file. `keep_unreadable`: a JSON-lines line that is not JSON comes as an
+    `UnreadableLine` record instead of stopping with an error (a broken JSON array or file still stops)."""
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        yield from _iter_json_file(path)
+        yield from _iter_json_file(path, keep_unreadable)
     elif suffix in (".csv", ".tsv"):
         yield from _iter_delimited(path, "\t" if suffix == ".tsv" else ",")
     elif suffix in (".xlsx", ".xls"):
@@ -269,12 +281,12 @@ def _iter_hub(dataset_id: str, name: str | None, split: str | None) -> Iterator[
 
 
 def iter_raw(path: str | os.PathLike, *, name: str | None = None, split: str | None = "train",
-             sheet: str | int | None = None) -> Iterator[RawRecord]:
-    """Every raw record of a local file / folder, or of a hub dataset id when online."""
+             sheet: str | int | None = None, keep_unreadable: bool = False) -> Iterator[RawRecord]:
+    """Every raw record of a local file / folder, or of a hub dataset id when online (see iter_file)."""
     p = Path(path).expanduser()
     if p.exists():
         for f in data_files(p, split):
-            yield from iter_file(f, sheet=sheet)
+            yield from iter_file(f, sheet=sheet, keep_unreadable=keep_unreadable)
         return
     if _looks_like_hub_id(str(path)):
         yield from _iter_hub(str(path), name, split)
