@@ -1,42 +1,54 @@
 #!/usr/bin/env bash
-# The whole journey on the embedded SmolLM2-135M-Instruct, on a CPU, in a few minutes: pick a recipe, split the
-# data, fine-tune with LoRA, turn the checkpoint into a PEFT adapter, merge it, chat with the result and measure
-# it against the base model. Everything lands in ./quickstart (QUICKSTART_DIR to change it); STEPS (default 30)
-# sets how many optimizer steps to train (about 10 s each on two cores).
+# The whole journey on the embedded SmolLM2-135M-Instruct, on a CPU: pick a recipe, split the data, fine-tune
+# with LoRA, turn the checkpoint into a PEFT adapter, merge it, chat with the result and measure it against the
+# base model. The data (examples/data/identity.jsonl, 91 questions like "Who are you?") teaches the model a new
+# name, "Tunesmith Assistant": asked "Who are you?", the base model offers help with creative writing, the
+# fine-tuned one says it is Tunesmith Assistant, and the held-out answer loss falls by about two thirds.
+# Everything lands in ./quickstart (QUICKSTART_DIR to change it).
+# STEPS (default 24, about two passes over the 73 training pairs) sets the optimizer steps, 512 tokens each: about
+# 4 s a step on two free CPU cores, up to 40 s when other jobs share them. The whole script, measured on a 2-core
+# machine shared with other jobs: 16-17 minutes when they slowed it throughout (13-14 of them training), 7 min 45 s
+# when they slowed only the first quarter of training; about 5 minutes with the two cores free.
+# EVAL_SAMPLES (default 18, all of the held-out part) sets how many held-out questions the last stage scores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${QUICKSTART_DIR:-quickstart}
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-24}
+EVAL_SAMPLES=${EVAL_SAMPLES:-18}
 CFG=smollm2_135m_instruct_lora_oasst1_e1
 rm -rf "$OUT" && mkdir -p "$OUT"
-step() { printf '\n=== %s\n' "$*"; }
+step() { printf '\n=== [%d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 step "recipes for the embedded model"
 tunesmith list-cfg -p smollm2_135m_instruct_lora
 
-step "copy the LoRA / oasst1 recipe to edit it"
+step "copy the SmolLM2 LoRA recipe to edit it (its data and schedule are replaced below with --set)"
 tunesmith copy-cfg "$CFG" "$OUT"
 
-step "split the bundled OpenAssistant-Guanaco sample (518 conversations) 90 / 10"
-tunesmith data split examples/data/oasst1_guanaco_eval.jsonl \
-    --train "$OUT/oasst1-train.jsonl" --test "$OUT/oasst1-test.jsonl" --ratio 0.9 --seed 0
+step "split the identity data (91 questions answered as 'Tunesmith Assistant') 80 / 20: train on 73, hold 18 out"
+tunesmith data split examples/data/identity.jsonl \
+    --train "$OUT/identity-train.jsonl" --test "$OUT/identity-test.jsonl" --ratio 0.8 --seed 0
 
-step "fine-tune: LoRA, $STEPS steps of 2 x 512 packed tokens (CPU-sized: no gradient checkpointing)"
+step "fine-tune: LoRA, $STEPS steps of 512 packed tokens at lr 1e-3; two questions answered before (step 0) and after"
 tunesmith train "$OUT/${CFG}_copy.yaml" --work-dir "$OUT/work" \
-    --set data.path="$OUT/oasst1-train.jsonl" training.max_steps="$STEPS" training.accumulative_counts=2 \
-          training.gradient_checkpointing=false training.log_interval=5 evaluation.every_n_steps="$STEPS"
+    --set data.path="$OUT/identity-train.jsonl" data.format=openai training.max_steps="$STEPS" \
+          training.lr=1e-3 training.accumulative_counts=1 training.gradient_checkpointing=false \
+          training.save_epochs=false training.log_interval=4 \
+          'evaluation.inputs=["Who are you?", "What is the capital of France?"]' \
+          evaluation.every_n_steps=null evaluation.max_new_tokens=40 evaluation.temperature=0
 
-step "checkpoint -> PEFT adapter -> merged model"
+step "checkpoint work/iter_$STEPS.pth -> PEFT adapter hf/ -> merged model merged/"
 tunesmith convert pth_to_hf "$OUT/${CFG}_copy.yaml" "$(cat "$OUT/work/last_checkpoint")" "$OUT/hf"
 tunesmith convert merge builtin:smollm2-135m-instruct "$OUT/hf" "$OUT/merged" --max-shard-size 2GB
 
-step "chat with the merged model (two questions, then EXIT)"
-printf 'What is the capital of France?\n\nGive me one tip for sleeping well.\n\nEXIT\n' \
-    | tunesmith chat "$OUT/merged" --max-new-tokens 60 --temperature 0
+step "chat with the merged model: 'Who are you?', RESET (clears the history), 'Give me one tip for sleeping well.'"
+printf 'Who are you?\n\nRESET\n\nGive me one tip for sleeping well.\n\nEXIT\n' \
+    | tunesmith chat "$OUT/merged" --max-new-tokens 80 --temperature 0
 
-step "held-out loss and perplexity: fine-tuned vs base"
-tunesmith eval "$OUT/merged" --data "$OUT/oasst1-test.jsonl" --compare builtin:smollm2-135m-instruct \
-    --max-samples 16 --max-length 512 --max-new-tokens 24 --out "$OUT/eval"
+step "held-out questions: answer loss, perplexity, ROUGE-L and BLEU of the fine-tuned model and of the base"
+tunesmith eval "$OUT/merged" --data "$OUT/identity-test.jsonl" --compare builtin:smollm2-135m-instruct \
+    --max-samples "$EVAL_SAMPLES" --max-length 512 --max-new-tokens 64 --out "$OUT/eval"
 
 step "done"
-echo "loss curve: $OUT/work/loss.png   adapter: $OUT/hf   merged: $OUT/merged   report: $OUT/eval/report.md"
+echo "loss curve: $OUT/work/loss.png   checkpoint: $(cat "$OUT/work/last_checkpoint")   adapter: $OUT/hf"
+echo "merged model: $OUT/merged   report (held-out loss and answers side by side): $OUT/eval/report.md"
