@@ -112,6 +112,9 @@ def test_resume_may_run_longer_and_change_what_leaves_the_arithmetic_alone(make_
     assert result.steps == 4 and result.last_checkpoint.name == "iter_4.pth"
     out = capsys.readouterr().out
     assert "resuming with changed settings: training.max_steps 2 -> 4, training.save_total_limit 2 -> 3" in out
+    again = train(longer, work_dir=work, resume="auto", progress=False)  # a finished run: nothing to do
+    assert again.steps == 4 and "iter_4.pth is the end of this run (4 of 4 steps): nothing left to train" \
+        in capsys.readouterr().out
 
 
 def test_nan_loss_stops_with_step(make_cfg, tmp_path, monkeypatch):

@@ -206,7 +206,8 @@ def test_rotation_keeps_last_iter_and_all_epochs(tmp_path):
 def test_other_config_hash_is_refused(tmp_path):
     p = _save(tmp_path / "iter_1.pth", chash="aaaa")
     with pytest.raises(TunesmithError, match="different config"):
-        ckpt.check_config_hash(ckpt.read_meta(p), "bbbb", p)
+        ckpt.check_resumable(ckpt.read_meta(p), p, TrainConfig(method="lora", training={"lr": 1e-3}), "bbbb",
+                             print)
     with pytest.raises(TunesmithError, match="not a tunesmith checkpoint|no readable meta"):
         ckpt.read_meta(tmp_path)
 
@@ -257,13 +258,13 @@ def test_torchrun_relaunch_command(monkeypatch):
 def test_metrics_jsonl_tensorboard_plot_and_resume_cut(tmp_path):
     from tunesmith.train.metrics import MetricsWriter
 
-    m = MetricsWriter(tmp_path, tensorboard=True, plot=True)
+    m = MetricsWriter(tmp_path, report_to=["tensorboard"], plot=True)
     for s in range(1, 6):
         m.log(s, {"loss": 3.0 / s, "lr": 1e-4})
     assert m.plot().exists()
     m.close()
     assert list((tmp_path / "tensorboard").iterdir())
-    m2 = MetricsWriter(tmp_path, tensorboard=False, resume_step=3)
+    m2 = MetricsWriter(tmp_path, report_to=[], resume_step=3)
     assert [r["step"] for r in m2.records()] == [1, 2, 3]
     assert MetricsWriter(tmp_path / "x", enabled=False).plot() is None
 

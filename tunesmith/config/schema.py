@@ -93,6 +93,24 @@ class DataSection(Section):
         None, ge=1, description="use a random N of the records, as XTuner (the same N for the same training.seed)")
     num_workers: int = Field(0, ge=0, description="data-loader worker processes")
     cache_dir: str | None = Field(None, description="where tokenized datasets are cached (default: ~/.cache/tunesmith)")
+    validation: float | str | None = Field(
+        None, description="held-out data for the validation loss: a file (read like path, same format and "
+        "template), or a fraction in (0, 1) of path's conversations, chosen with training.seed and never trained on")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_kind(cls, value: Any) -> Any:
+        """A number (``--set data.validation=0.1`` arrives as text) is a held-out fraction; other text is a file."""
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return value or None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"data.validation as a number is the held-out fraction, between 0 and 1 (got {value})")
+        return float(value)
 
     @model_validator(mode="after")
     def _one_system(self) -> DataSection:
@@ -128,6 +146,9 @@ class TrainingSection(Section):
     save_steps: int | None = Field(None, ge=1, description="also save iter_N.pth every N steps")
     save_total_limit: int | None = Field(2, ge=1, description="iter_N.pth checkpoints to keep")
     save_epochs: bool = Field(True, description="save epoch_N.pth at the end of every epoch")
+    save_best: bool = Field(
+        False, description="also keep the checkpoint with the lowest validation loss as best.pth "
+        "(needs data.validation)")
     log_interval: int = Field(10, ge=1, description="steps between log lines")
 
 
@@ -139,6 +160,9 @@ class EvaluationSection(Section):
         description="prompts answered during training to watch the model learn",
     )
     every_n_steps: int | None = Field(500, ge=1, description="answer them every N steps (null: only before/after)")
+    validation_every_n_steps: int | None = Field(
+        None, ge=1, description="validation loss every N steps (null: at every_n_steps); also before the first step "
+        "and at the last; needs data.validation")
     max_new_tokens: int = Field(600, ge=1, description="answer length limit")
     temperature: float = Field(0.1, ge=0, description="0 = greedy")
     top_p: float = Field(
@@ -151,11 +175,39 @@ class EvaluationSection(Section):
     )
 
 
+    def validation_interval(self) -> int | None:
+        """Steps between validation losses (besides the first and the last): the one home of that default."""
+        return self.validation_every_n_steps or self.every_n_steps
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
 class LoggingSection(Section):
     """What a run writes besides metrics.jsonl."""
 
-    tensorboard: bool = Field(True, description="write TensorBoard events to work_dir/tensorboard")
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers that get the metrics each log step: any of tensorboard (work_dir/"
+        "tensorboard), wandb (offline unless WANDB_MODE is set), mlflow (work_dir/mlruns unless MLFLOW_TRACKING_URI)")
+    tensorboard: bool | None = Field(
+        None, description="the older switch: true adds tensorboard to report_to, false takes it out (so that "
+        "--set logging.tensorboard=false works on any config; null: as report_to says)")
     plot: bool = Field(True, description="draw work_dir/loss.png")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def trackers(self) -> list[str]:
+        """The trackers a run writes to: report_to, with the tensorboard switch applied (the one home of the rule)."""
+        names = list(dict.fromkeys(self.report_to))
+        if self.tensorboard is True and "tensorboard" not in names:
+            names.append("tensorboard")
+        if self.tensorboard is False:
+            names = [n for n in names if n != "tensorboard"]
+        return names
 
 
 class DistributedSection(Section):
@@ -231,6 +283,11 @@ class TrainConfig(Section):
             )
         if self.method == "lora" and q.bits is not None:
             raise ValueError("method 'lora' trains an unquantized base: set quantization.bits null or use 'qlora'")
+        if self.training.save_best and self.data.validation is None:
+            raise ValueError("training.save_best keeps the checkpoint with the lowest validation loss: set "
+                             "data.validation (a file or a held-out fraction such as 0.05)")
+        if self.evaluation.validation_every_n_steps is not None and self.data.validation is None:
+            raise ValueError("evaluation.validation_every_n_steps needs data.validation (a file or a fraction)")
         ds = self.distributed.deepspeed or ""
         if "zero3" in ds and q.bits is not None and q.quant_storage is None:
             raise ValueError(

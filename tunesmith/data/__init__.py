@@ -24,6 +24,7 @@ from tunesmith.data.templates import (
 
 _LAZY = {
     "build_train_dataset": "tunesmith.data.dataset",
+    "build_validation_dataset": "tunesmith.data.dataset",
     "DataStats": "tunesmith.data.dataset",
     "make_dataloader": "tunesmith.data.pack",
     "encode_conversation": "tunesmith.data.encode",

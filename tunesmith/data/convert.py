@@ -7,7 +7,7 @@
   (case-insensitive). Rows with an empty or whitespace-only input or output are dropped and counted.
 - `split_records(src, train, test, *, ratio=0.7, seed=0) -> (n_train, n_test)`: random and reproducible;
   each part keeps the original order of its records; the output format follows each file's suffix
-  (.jsonl lines or a .json array).
+  (.jsonl lines or a .json array). `split_indices(n, ratio, *, seed)` is the rule itself.
 Both write atomically (nothing half-written).
 """
 
@@ -137,6 +137,15 @@ def default_split_paths(src: str | os.PathLike) -> tuple[Path, Path]:
     return src.with_name(f"{src.stem}-train.jsonl"), src.with_name(f"{src.stem}-test.jsonl")
 
 
+def split_indices(n: int, ratio: float, *, seed: int) -> tuple[list[int], list[int]]:
+    """The one split rule (`data split` and training's held-out `data.validation` fraction): a seeded shuffle of
+    ``range(n)``, ``round(n * ratio)`` (at least 1, at most n - 1) to the first part; each part in input order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_first = min(max(1, round(n * ratio)), n - 1)
+    return sorted(order[:n_first]), sorted(order[n_first:])
+
+
 def split_records(src: str | os.PathLike, train: str | os.PathLike | None = None,
                   test: str | os.PathLike | None = None, *, ratio: float = 0.7, seed: int = 0) -> tuple[int, int]:
     src = Path(src)
@@ -150,10 +159,7 @@ def split_records(src: str | os.PathLike, train: str | os.PathLike | None = None
     records = _records(src)
     if len(records) < 2:
         raise TunesmithError(f"{src} has {len(records)} record(s); a split needs at least 2")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_train = min(max(1, round(len(records) * ratio)), len(records) - 1)
-    train_idx, test_idx = sorted(order[:n_train]), sorted(order[n_train:])
+    train_idx, test_idx = split_indices(len(records), ratio, seed=seed)
     _write(train_path, [records[i] for i in train_idx])
     _write(test_path, [records[i] for i in test_idx])
     return len(train_idx), len(test_idx)

@@ -14,9 +14,17 @@ dropped with reasons, truncated, samples, packed sequences, pad fraction, tokens
 Cache: tokenized samples live in `<root>/<key>/samples.npz` (+ `stats.json`), no pickle; root is
 cfg.data.cache_dir, else `$TUNESMITH_CACHE/datasets`, else `~/.cache/tunesmith/datasets`. The key hashes the
 data files' bytes (or the hub id), the tokenizer (vocabulary, special tokens, chat template), the template,
-the format, the system prompt, max_length, max_dataset_length (and the seed choosing that subset) and
-ENCODE_VERSION. Packing is cheap and is
+the format, the system prompt, max_length, max_dataset_length (and the seed choosing that subset),
+the part (training or validation) and its split, and ENCODE_VERSION. Packing is cheap and is
 redone every run (it depends on the seed).
+
+Validation (`data.validation`): a file is read and encoded exactly as the training data (same format, template,
+system prompt and max_length; its own cache entry). A fraction `f` holds out `f` of the conversations of
+`data.path` (after max_dataset_length, before tokenizing and packing), chosen with training.seed by
+`convert.split_indices`; a training conversation identical to a held-out one is dropped too, so the model never
+trains on what it is validated on. The fraction and the seed are in both parts' cache keys.
+
+    val_dataset, val_stats = build_validation_dataset(cfg, tokenizer)  # None, None without data.validation
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from tunesmith.data.pack import PackedDataset, SampleDataset, pack_bins
 from tunesmith.data.readers import MALFORMED, get_format, read_records
 from tunesmith.data.sources import data_files
 from tunesmith.data.templates import data_template, resolve_system
+from tunesmith.errors import TunesmithError
 from tunesmith.files import atomic_path
 
 
@@ -121,16 +130,34 @@ def data_fingerprint(path: str, name: str | None, split: str | None) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: Any, tokenizer: Any) -> str:
+TRAIN, VALIDATION = "train", "validation"
+
+
+def _split_key(d: Any, seed: int, part: str) -> dict[str, Any] | None:
+    """What the held-out split adds to a part's cache key (nothing for training data beside a validation file, so
+    such runs share the cache of runs without validation)."""
+    if isinstance(d.validation, float):
+        return {"part": part, "fraction": d.validation, "seed": seed}
+    if part == VALIDATION:
+        return {"part": part, "file": True}
+    return None
+
+
+def cache_key(cfg: Any, tokenizer: Any, part: str = TRAIN) -> str:
     d = cfg.data
     template = data_template(d)
+    from_file = part == VALIDATION and isinstance(d.validation, str)
     parts = {
-        "v": ENCODE_VERSION, "data": data_fingerprint(d.path, d.name, d.split), "format": d.format,
+        "v": ENCODE_VERSION, "format": d.format,
+        "data": data_fingerprint(d.validation, None, None) if from_file else data_fingerprint(d.path, d.name, d.split),
         "template": repr(template), "system": resolve_system(d.system, d.system_template),
-        "max_length": d.max_length, "max_dataset_length": d.max_dataset_length,
-        "subset_seed": cfg.training.seed if d.max_dataset_length else None,
+        "max_length": d.max_length, "max_dataset_length": None if from_file else d.max_dataset_length,
+        "subset_seed": cfg.training.seed if d.max_dataset_length and not from_file else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    split = _split_key(d, cfg.training.seed, part)
+    if split is not None:  # absent otherwise: keys of runs without validation stay what they were
+        parts["split"] = split
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -168,6 +195,28 @@ def keep_random_subset(records: list, stats: Any, n: int | None, *, seed: int) -
     return kept
 
 
+def hold_out(records: list, stats: Any, fraction: float, *, seed: int, part: str) -> list:
+    """The training or the validation conversations of a held-out ``fraction`` (see the module docstring); `stats`
+    counts the part's conversations, and training duplicates of held-out conversations as dropped."""
+    from tunesmith.data.convert import split_indices
+
+    if len(records) < 2:
+        raise TunesmithError(f"data.validation {fraction} needs at least 2 conversations, {len(records)} read",
+                             "add data, or give data.validation a file")
+    train_idx, val_idx = split_indices(len(records), 1.0 - fraction, seed=seed)
+    held = [records[i] for i in val_idx]
+    if part == VALIDATION:
+        kept = held
+    else:
+        seen = {repr(r.turns) for r in held}
+        kept = [records[i] for i in train_idx if repr(records[i].turns) not in seen]
+        if len(kept) < len(train_idx):
+            stats.dropped["same as a validation conversation"] += len(train_idx) - len(kept)
+    stats.conversations = len(kept)
+    stats.turns_histogram = Counter(len(r.turns) for r in kept)
+    return kept
+
+
 def validate_data_names(cfg: Any) -> None:
     """Fail fast (before loading a tokenizer or reading data) on unknown format / template / system names."""
     get_format(cfg.data.format)
@@ -176,23 +225,33 @@ def validate_data_names(cfg: Any) -> None:
 
 
 def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[list[Encoded], DataStats]:
+                     progress: Callable[[int, int], None] | None = None,
+                     part: str = TRAIN) -> tuple[list[Encoded], DataStats]:
     """Read, template and tokenize cfg.data (from the cache when the same inputs were tokenized before).
-    `progress(done, total)` reports tokenization (conversations) for a progress bar."""
+    `progress(done, total)` reports tokenization (conversations) for a progress bar. ``part``: the training
+    conversations, or the validation ones (`data.validation`)."""
     d = cfg.data
     fmt = get_format(d.format)  # unknown names fail before any reading
     template = data_template(d)
     system = resolve_system(d.system, d.system_template)
     start = time.perf_counter()
-    folder = cache_root(cfg) / cache_key(cfg, tokenizer) if use_cache else None
+    folder = cache_root(cfg) / cache_key(cfg, tokenizer, part) if use_cache else None
     if folder is not None and (hit := _load(folder)) is not None:
         samples, meta = hit
         stats = DataStats(**{k: v for k, v in meta.items() if k in DataStats.__dataclass_fields__})
         stats.cache_hit, stats.cache_path = True, str(folder)
         stats.seconds = time.perf_counter() - start
         return samples, stats
-    records, rstats = read_records(d.path, fmt, name=d.name, split=d.split, strict=d.strict)
-    records = keep_random_subset(records, rstats, d.max_dataset_length, seed=cfg.training.seed)
+    if part == VALIDATION and isinstance(d.validation, str):
+        if not Path(d.validation).expanduser().exists():
+            raise TunesmithError(f"data.validation {d.validation} does not exist",
+                                 "give a file in the training data's format, or a held-out fraction such as 0.05")
+        records, rstats = read_records(d.validation, fmt, split=None, strict=d.strict)
+    else:
+        records, rstats = read_records(d.path, fmt, name=d.name, split=d.split, strict=d.strict)
+        records = keep_random_subset(records, rstats, d.max_dataset_length, seed=cfg.training.seed)
+        if isinstance(d.validation, float):
+            records = hold_out(records, rstats, d.validation, seed=cfg.training.seed, part=part)
     convs = [with_default_system(r.turns, system) if fmt.kind == "chat" else r.turns for r in records]
     report = (lambda n: progress(n, len(convs))) if progress is not None else None
     samples, estats = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind,
@@ -228,9 +287,25 @@ def build_train_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
     is called while tokenizing (not on a cache hit)."""
     samples, stats = tokenize_dataset(cfg, tokenizer, use_cache=use_cache, progress=progress)
     d = cfg.data
+    return _as_dataset(samples, stats, cfg, tokenizer, seed=cfg.training.seed if d.shuffle_before_pack else None)
+
+
+def build_validation_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
+                             progress: Callable[[int, int], None] | None = None
+                             ) -> tuple[PackedDataset | SampleDataset | None, DataStats | None]:
+    """The validation dataset of cfg (packed and padded as the training data, in a fixed order), or (None, None)
+    without data.validation."""
+    if cfg.data.validation is None:
+        return None, None
+    samples, stats = tokenize_dataset(cfg, tokenizer, use_cache=use_cache, progress=progress, part=VALIDATION)
+    return _as_dataset(samples, stats, cfg, tokenizer, seed=None)
+
+
+def _as_dataset(samples: list[Encoded], stats: DataStats, cfg: Any, tokenizer: Any, *, seed: int | None
+                ) -> tuple[PackedDataset | SampleDataset, DataStats]:
+    d = cfg.data
     if d.pack_to_max_length:
-        dataset: PackedDataset | SampleDataset = pack_dataset(
-            samples, d.max_length, seed=cfg.training.seed if d.shuffle_before_pack else None)
+        dataset: PackedDataset | SampleDataset = pack_dataset(samples, d.max_length, seed=seed)
         stats.packed_sequences = len(dataset)
         capacity = len(dataset) * d.max_length
         stats.pad_fraction = 1.0 - stats.tokens / capacity if capacity else 0.0

@@ -7,7 +7,6 @@ all those tokens (token-weighted, not a mean of per-sample means), and perplexit
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tunesmith.errors import TunesmithError
+from tunesmith.train.validate import token_weighted
 
 IGNORE_INDEX = -100
 
@@ -90,11 +90,9 @@ def token_losses(model, samples: Sequence, *, pad_id: int = 0, max_batch_tokens:
         if was_training:
             model.train()
     total = int(counts.sum())
-    if total == 0:
-        raise TunesmithError("the samples have no answer tokens to score", "check the data's output fields")
-    mean = float(sums.sum() / total)
+    mean, perplexity = token_weighted(float(sums.sum()), total)  # the rule training's validation loss uses
     per_sample = [float(s / c) if c else float("nan") for s, c in zip(sums, counts, strict=True)]
-    return LossResult(mean, math.exp(mean), total, len(samples), per_sample)
+    return LossResult(mean, perplexity, total, len(samples), per_sample)
 
 
 def _need(module: str, extra: str = "eval"):

@@ -90,7 +90,9 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self.bar = None
-        if enabled:
+        from tunesmith.progress import is_terminal
+
+        if enabled and is_terminal():  # off a terminal (nohup, a pipe): plain lines, never wrapped
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -121,7 +123,7 @@ class _Progress:
 
     def print(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.console.print(text, markup=False, highlight=False)
+            self.bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
             print(text, flush=True)
 

@@ -4,8 +4,10 @@
    (printed in one line), the tokenized and packed data, the optimizer and schedule; compiled layers get an
    activation plan that fits the card (memory.py); then the backend (one process, DDP or DeepSpeed; step.py).
 2. Restore (state.py): weights, optimizer, schedule, grad scaler, RNG and data position of a `--resume`.
-3. The loop: one :class:`~tunesmith.train.step.TrainStep` per accumulation window, then the schedule, logs,
-   evaluation prompts and checkpoints.
+3. The loop: one :class:`~tunesmith.train.step.TrainStep` per accumulation window, then the schedule, the
+   validation loss (validate.py; before the first step, every ``evaluation.validation_interval()`` steps and at
+   the last), logs, evaluation prompts and checkpoints; with ``training.save_best`` a lower validation loss than
+   any before (after step 0) is saved as ``best.pth``, which ``last_checkpoint`` never names.
 4. Ctrl-C finishes the current step, saves, and reports the interruption (the CLI prints the resume command).
 
 Everything the loop prints goes through one :class:`~tunesmith.train.runlog.RunLog`: the console and
@@ -49,7 +51,7 @@ from tunesmith.train.loss import CausalLMLoss
 from tunesmith.train.memory import fit_activations, longest_batch, planning_wanted
 from tunesmith.train.metrics import MetricsWriter
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
-from tunesmith.train.runlog import RunLog
+from tunesmith.train.runlog import RunLog, validation_line
 from tunesmith.train.setup import (
     build_data,
     environment_info,
@@ -61,6 +63,10 @@ from tunesmith.train.setup import (
 )
 from tunesmith.train.state import Position, load_trainable_weights, restore_rng, restore_run, save_run
 from tunesmith.train.step import DDPBackend, DeepSpeedBackend, LocalBackend, TrainStep
+from tunesmith.train.trackers import check_trackers
+from tunesmith.train.validate import Validation
+
+BEST = "best.pth"
 
 
 @dataclass
@@ -71,6 +77,8 @@ class TrainResult:
     epochs_completed: int
     losses: list[float] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None  # training.save_best's best.pth
+    best_val_loss: float | None = None
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -90,6 +98,7 @@ def train(cfg: TrainConfig, *, work_dir: str | os.PathLike | None = None, resume
         except ImportError as exc:
             raise TunesmithError("--deepspeed needs the deepspeed package, which is not installed",
                                  "pip install 'tunesmith[deepspeed]' (or pip install deepspeed)") from exc
+    check_trackers(cfg.logging.trackers())  # a tracker that is not installed: one line, before anything slow
     new_work_dir = not work_dir.exists()
     make_parent(work_dir / "metrics.jsonl")  # creates it, or says in one line what is in the way
     env = setup_distributed(deepspeed=bool(cfg.distributed.deepspeed),
@@ -189,22 +198,33 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
         pos = restore_run(resumed, resume_path, backend=backend, schedule=schedule, env=env)
 
     # --- logs and the work dir ------------------------------------------------------------------------------
-    metrics = MetricsWriter(work_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
-                            plot=cfg.logging.plot, resume_step=pos.step if resumed is not None else None)
     from tunesmith.config import dump_config
 
     config_yaml = dump_config(cfg, work_dir.name, "config.yaml")
+    environment = environment_info(env, precision, fast, activation_plan)
+    metrics = MetricsWriter(work_dir, enabled=env.is_main, report_to=cfg.logging.trackers(), plot=cfg.logging.plot,
+                            resume_step=pos.step if resumed is not None else None,
+                            params={"config": cfg.model_dump(mode="json"), "fast_paths": environment["fast_paths"],
+                                    "environment": {k: v for k, v in environment.items() if k != "fast_paths"}})
     if env.is_main:
         write_text_atomic(work_dir / "config.yaml", config_yaml)
-        write_text_atomic(work_dir / "environment.json",
-                          json.dumps(environment_info(env, precision, fast, activation_plan), indent=2))
+        write_text_atomic(work_dir / "environment.json", json.dumps(environment, indent=2))
         printer(f"work dir {work_dir}\nmethod {cfg.method}, precision {precision}, {backend.name} "
                 f"x{env.world_size} on {env.device.type}; trainable parameters {sum(p.numel() for p in params):,}; "
                 f"{data.total_steps} steps"
                 + (f"; resuming from {resume_path} at step {pos.step}" if resumed is not None else ""))
     evaluator = EvaluateChat(cfg, tokenizer, work_dir, is_main=env.is_main, printer=printer)
+    validation = None
+    if data.validation_batches is not None:
+        validation = Validation(data.validation_batches, interval=cfg.evaluation.validation_interval(),
+                                total_steps=data.total_steps, device=env.device, host_inputs=fast.host_inputs)
     if resumed is None:
         evaluator.run(model, 0)
+        if validation is not None:
+            held = validation.run(backend)
+            first = {"val_loss": held.loss, "val_ppl": held.perplexity}
+            metrics.log(0, first)
+            printer(f"validation before training: {validation_line(first)} ({held.tokens} tokens)")
 
     # --- Ctrl-C: finish the step, save, say so ---------------------------------------------------------------
     interrupted = {"flag": False}
@@ -219,19 +239,26 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.signal(signal.SIGINT, on_sigint)
 
-    def save(name: str) -> Path:
+    def save(name: str, *, best: bool = False) -> Path:
         path = work_dir / name
         save_run(path, cfg=cfg, model=model, backend=backend, schedule=schedule, position=pos, env=env,
                  config_yaml=config_yaml, config_hash=chash, precision=precision, stage=stage)
         if env.is_main:
-            ckpt.write_last_checkpoint(work_dir, path)
-            ckpt.rotate_iter_checkpoints(work_dir, t.save_total_limit)
-            metrics.plot()
-            printer(f"saved {path}")
+            if best:
+                printer(f"saved {path} (val_loss {pos.best_val_loss:.4f} at step {pos.best_step})")
+            else:
+                ckpt.write_last_checkpoint(work_dir, path)
+                ckpt.rotate_iter_checkpoints(work_dir, t.save_total_limit)
+                metrics.plot()
+                printer(f"saved {path}")
         barrier()
         return path
 
     # --- the loop ---------------------------------------------------------------------------------------------
+    finished_before = resumed is not None and pos.step >= data.total_steps
+    if finished_before:
+        printer(f"{resume_path} is the end of this run ({pos.step} of {data.total_steps} steps): nothing left to "
+                "train (raise training.max_steps or max_epochs to train longer)")
     log.start_steps(data.total_steps, pos.step)
     losses: list[float] = []
     last_saved: Path | None = resume_path
@@ -264,12 +291,21 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
                 values = {"loss": loss, "lr": lr, "grad_norm": out.grad_norm, "epoch": pos.epoch + 1,
                           "tokens_per_s": out.input_tokens * env.world_size / max(time.perf_counter() - clock, 1e-9),
                           "memory_gb": round(memory_gb(env.device), 3)}
+                new_best = False
+                if validation is not None and validation.due(pos.step):
+                    held = validation.run(backend)
+                    values.update(val_loss=held.loss, val_ppl=held.perplexity)
+                    new_best = t.save_best and (pos.best_val_loss is None or held.loss < pos.best_val_loss)
+                    if new_best:
+                        pos.best_val_loss, pos.best_step = held.loss, pos.step
                 metrics.log(pos.step, values)
-                log.step(pos.step, pos.epoch + 1, values)
+                log.step(pos.step, pos.epoch + 1, {**values, "best": new_best})
 
                 epoch_done = pos.samples_in_epoch >= data.epoch_samples
                 if epoch_done:
                     pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+                if new_best:
+                    save(BEST, best=True)
                 if evaluator.due(pos.step):
                     evaluator.run(model, pos.step)
                 if epoch_done and t.save_epochs:
@@ -281,7 +317,8 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
                     break
         if last_saved_step != pos.step:
             last_saved, last_saved_step = save(f"iter_{pos.step}.pth"), pos.step
-        if not interrupted["flag"] and (cfg.evaluation.every_n_steps is None or not evaluator.due(pos.step)):
+        if not (interrupted["flag"] or finished_before) and (cfg.evaluation.every_n_steps is None
+                                                             or not evaluator.due(pos.step)):
             evaluator.run(model, pos.step)
     except torch.OutOfMemoryError as exc:
         raise oom_error(cfg, stage, planned=activation_plan is not None) from exc
@@ -297,5 +334,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
     else:
         printer(f"done: {pos.step} steps in {format_duration(seconds)}"
                 + (f", last loss {losses[-1]:.4f}" if losses else "") + f"; last checkpoint {last_saved}")
+    best_path = work_dir / BEST if pos.best_step is not None else None
     return TrainResult(work_dir=work_dir, steps=pos.step, total_steps=data.total_steps, epochs_completed=pos.epoch,
-                       losses=losses, last_checkpoint=last_saved, interrupted=interrupted["flag"], seconds=seconds)
+                       losses=losses, last_checkpoint=last_saved, best_checkpoint=best_path,
+                       best_val_loss=pos.best_val_loss, interrupted=interrupted["flag"], seconds=seconds)

@@ -6,6 +6,10 @@ the first and last), evaluation answers, ``saved ...`` for each checkpoint, and 
 
     step 20/200 epoch 1 loss 1.2345 lr 1.998e-04 grad_norm 0.5123 tok/s 1234 mem 3.21GiB elapsed 0:01:02 ETA 0:09:18
 
+A step with a validation loss (``data.validation``) always gets its line, with ``val_loss 1.3012 val_ppl 3.674``
+(and ``best`` when ``training.save_best`` kept it) before the times; the validation before the first step has a
+line of its own (`validation_line`).
+
 On a terminal (and with progress on) the console shows one live bar made of that same line instead of the step
 lines; without one (``nohup tunesmith train CFG > out.log 2>&1 &``) step lines are plain text, no colours, no
 carriage returns. The file gets the step lines either way. Only rank 0 prints and writes. A fresh run starts
@@ -34,8 +38,16 @@ def step_line(step: int, total: int, epoch: int, values: dict[str, Any], *, elap
     parts.append(f"tok/s {values.get('tokens_per_s', 0):.0f}")
     if values.get("memory_gb") is not None:
         parts.append(f"mem {values['memory_gb']:.2f}GiB")
+    if "val_loss" in values:
+        parts.append(validation_line(values))
     parts += [f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta_seconds)}"]
     return " ".join(parts)
+
+
+def validation_line(values: dict[str, Any]) -> str:
+    """``val_loss 1.3012 val_ppl 3.674`` (``best`` added when values say so)."""
+    return (f"val_loss {values['val_loss']:.4f} val_ppl {values['val_ppl']:.3f}"
+            + (" best" if values.get("best") else ""))
 
 
 class RunLog:
@@ -96,7 +108,7 @@ class RunLog:
                          eta_seconds=eta(now - self.clock, step - self.first_step, self.total - step))
         if self.bar is not None:
             self.bar.update(self.task, completed=step, description=line)
-        if step % self.interval == 0 or step in (1, self.first_step + 1, self.total):
+        if step % self.interval == 0 or step in (1, self.first_step + 1, self.total) or "val_loss" in values:
             self.print(line, console=self.bar is None)
 
     def stop_bar(self) -> None:

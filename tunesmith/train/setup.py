@@ -132,22 +132,37 @@ class TrainData:
     loader_for: Callable[..., Any]  # (epoch, start_index=0) -> this rank's DataLoader
     epoch_samples: int  # this rank's samples per epoch
     total_steps: int
+    validation: Any = None  # data.validation's dataset (None without)
+    validation_batches: Callable[[], Any] | None = None  # () -> this rank's validation batches, the same each time
 
 
 def build_data(cfg: TrainConfig, tokenizer: Any, env: DistEnv, *, progress: bool, printer: Callable[[str], None]):
-    """Tokenized (cached) and packed training data, this rank's loaders, and the run's number of steps.
-    Tokenizing shows a bar with ``progress``, else a few plain lines through ``printer`` (rank 0)."""
-    from tunesmith.data import build_train_dataset, make_dataloader
+    """Tokenized (cached) and packed training data, this rank's loaders, and the run's number of steps; the
+    validation data of ``data.validation`` likewise. Tokenizing shows a bar with ``progress``, else a few plain
+    lines through ``printer`` (rank 0)."""
+    from tunesmith.data import build_train_dataset, build_validation_dataset, make_dataloader
 
     t = cfg.training
+
+    def both(report):
+        train_part = build_train_dataset(cfg, tokenizer, progress=report)
+        return train_part, build_validation_dataset(cfg, tokenizer, progress=report)
+
     with callback_bar("tokenizing", enabled=env.is_main, bar=progress, printer=printer) as report:
-        dataset, stats = rank0_first(env, lambda: build_train_dataset(cfg, tokenizer, progress=report),
-                                     timeout_minutes=cfg.distributed.dataset_timeout_minutes)
+        (dataset, stats), (val_dataset, val_stats) = rank0_first(
+            env, lambda: both(report), timeout_minutes=cfg.distributed.dataset_timeout_minutes)
     if len(dataset) == 0:
         raise TunesmithError(f"no training samples in {cfg.data.path}",
                              "run `tunesmith check-custom-dataset CONFIG` to see what was dropped")
+    if val_dataset is not None and len(val_dataset) == 0:
+        raise TunesmithError(f"no validation samples in data.validation {cfg.data.validation}",
+                             "check that file (it is read like data.path), or hold out a larger fraction")
     if env.is_main:
         printer(stats.summary())
+        if val_stats is not None:
+            printer(f"validation: {val_stats.conversations} conversations, {val_stats.samples} samples"
+                    + (f" in {len(val_dataset)} packed sequences" if val_dataset.packed else "")
+                    + f", {val_stats.loss_tokens} loss tokens")
 
     def loader_for(epoch: int, start_index: int = 0):
         return make_dataloader(dataset, cfg, seed=t.seed, epoch=epoch, rank=env.rank, world_size=env.world_size,
@@ -156,4 +171,8 @@ def build_data(cfg: TrainConfig, tokenizer: Any, env: DistEnv, *, progress: bool
     epoch_samples = len(loader_for(0).sampler)
     steps_per_epoch = math.ceil(math.ceil(epoch_samples / t.batch_size) / t.accumulative_counts)
     total_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.max_epochs
-    return TrainData(dataset, loader_for, epoch_samples, total_steps)
+    validation_batches = None
+    if val_dataset is not None:
+        def validation_batches():
+            return make_dataloader(val_dataset, cfg, seed=t.seed, epoch=0, rank=env.rank, world_size=env.world_size)
+    return TrainData(dataset, loader_for, epoch_samples, total_steps, val_dataset, validation_batches)

@@ -19,11 +19,14 @@ from tunesmith.train.distributed import DistEnv, gather_to_main, gathered_parame
 
 @dataclass
 class Position:
-    """Where the run is: optimizer steps taken, epochs completed, samples of this epoch already seen."""
+    """Where the run is: optimizer steps taken, epochs completed, samples of this epoch already seen; and the
+    lowest validation loss so far with its step (training.save_best's best.pth), None before any."""
 
     step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -94,6 +97,7 @@ def save_run(path: Path, *, cfg: TrainConfig, model: torch.nn.Module, backend: A
         return
     trainer_state = {
         "step": position.step, "epoch": position.epoch, "samples_in_epoch": position.samples_in_epoch,
+        "best_val_loss": position.best_val_loss, "best_step": position.best_step,
         "world_size": env.world_size, "schedule": schedule.state_dict(), "rng": [r["rng"] for r in per_rank],
         "optimizer": [r["opt"][1] for r in per_rank] if sharded else [opt_rest],
         **backend.extra_state(),
@@ -123,7 +127,8 @@ def restore_run(resumed: dict[str, Any], path: Path, *, backend: Any, schedule: 
     backend.load_optimizer_state(ckpt.unflatten_optimizer_state(resumed["optimizer_tensors"], opt_rest))
     schedule.load_state_dict(state["schedule"])
     backend.load_extra_state(state)
-    return Position(state["step"], state["epoch"], state["samples_in_epoch"])
+    return Position(state["step"], state["epoch"], state["samples_in_epoch"], state.get("best_val_loss"),
+                    state.get("best_step"))
 
 
 def restore_rng(resumed: dict[str, Any], env: DistEnv) -> None:
