@@ -24,6 +24,9 @@ HUB_MODELS = {"internlm/internlm-chat-7b": "internlm-chat-7b"}  # hub ids the pa
 TRAIN_SMALL = ["data.max_length=256", "data.max_dataset_length=6", "training.accumulative_counts=1",
                "training.batch_size=1", "evaluation.max_new_tokens=8", "logging.tensorboard=false"]
 CHAT_STDIN = "Hello\n\nEXIT\n"
+# formats whose sample record (tunesmith.data.format_examples) has a longer prompt than TRAIN_SMALL's max_length
+# leaves room for: the MSAgent tool preamble alone is about 840 tokens
+LONG_RECORDS = {"msagent_react": 1024}
 
 
 def _workbook(path: Path) -> None:
@@ -90,6 +93,8 @@ def _train_words(words: list[str], home: Path) -> list[str]:
     if not (home / cfg.data.path).exists():
         local["data.path"] = str(_sample_data(home, cfg.data.format))
     extra = list(TRAIN_SMALL)
+    if cfg.data.format in LONG_RECORDS:
+        extra.append(f"data.max_length={LONG_RECORDS[cfg.data.format]}")
     if local and (home / config).is_file():
         data = yaml.safe_load((home / config).read_text(encoding="utf-8"))
         for key, value in local.items():
