@@ -49,6 +49,10 @@ step "held-out questions: answer loss, perplexity, ROUGE-L and BLEU of the fine-
 tunesmith eval "$OUT/merged" --data "$OUT/identity-test.jsonl" --compare builtin:smollm2-135m-instruct \
     --max-samples "$EVAL_SAMPLES" --max-length 512 --max-new-tokens 64 --out "$OUT/eval"
 
+step "for llama.cpp / Ollama / LM Studio: merged model -> one GGUF file (8-bit) and an Ollama Modelfile"
+tunesmith convert gguf "$OUT/merged" "$OUT/smollm2-tunesmith.gguf" --type q8_0 --ollama
+
 step "done"
 echo "loss curve: $OUT/work/loss.png   checkpoint: $(cat "$OUT/work/last_checkpoint")   adapter: $OUT/hf"
 echo "merged model: $OUT/merged   report (held-out loss and answers side by side): $OUT/eval/report.md"
+echo "GGUF: $OUT/smollm2-tunesmith.gguf   Modelfile: $OUT/Modelfile (ollama create smollm2-tunesmith -f $OUT/Modelfile)"

@@ -106,12 +106,13 @@ def test_quickstart_runs_end_to_end_in_short(smollm2_path, tmp_path):
     run = subprocess.run(["bash", str(QUICKSTART)], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     headers = re.findall(r"^=== \[\d+:\d\d\] (.+)$", run.stdout, re.M)
-    assert len(headers) == 8 and headers[-1] == "done", headers
+    assert len(headers) == 9 and headers[-1] == "done", headers
     assert "fine-tune: LoRA, 2 steps" in run.stdout
     assert "evaluation at step 0" in run.stdout and "evaluation at step 2" in run.stdout
     assert (out / "work" / "last_checkpoint").read_text().strip().endswith("iter_2.pth")
     for path in ("work/iter_2.pth", "work/loss.png", "hf/adapter_config.json", "merged/config.json",
-                 "eval/report.md", "identity-train.jsonl", "identity-test.jsonl"):
+                 "eval/report.md", "identity-train.jsonl", "identity-test.jsonl", "smollm2-tunesmith.gguf",
+                 "Modelfile"):
         assert (out / path).exists(), path
     assert len((out / "identity-test.jsonl").read_text().splitlines()) == 18
     assert "2 conversations" in (out / "eval" / "report.md").read_text()
