@@ -148,17 +148,17 @@ def run_command(cmd: Command, home: Path, monkeypatch) -> tuple[int, str]:
     for key, value in cmd.env.items():
         monkeypatch.setenv(key, value)
     if not cmd.is_tunesmith:
-        return _shell(shlex_join_words(cmd), home, cmd.env)
+        return _shell(_shell_text(cmd), home, cmd.env)
     stdin = CHAT_STDIN
     if cmd.stdin_from:
-        code, stdin = _shell(cmd.stdin_from, home, cmd.env)
+        _, stdin = _shell(cmd.stdin_from, home, cmd.env)
     code, output = _run_tunesmith(substituted(cmd, home)[1:], stdin)
     if cmd.redirect:
         (home / cmd.redirect).write_text(output, encoding="utf-8")
     return code, output
 
 
-def shlex_join_words(cmd: Command) -> str:
+def _shell_text(cmd: Command) -> str:
     import shlex
 
     text = shlex.join(cmd.words)

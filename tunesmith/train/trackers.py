@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config.load import flat_settings
 from tunesmith.errors import TunesmithError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -35,16 +36,10 @@ def check_trackers(names: list[str]) -> None:
                                  f"pip install {extra or 'tensorboard'}, or take {name} out of logging.report_to")
 
 
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested parameters as ``a.b.c -> text`` (lists as JSON)."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value, default=str)
-    return out
+def flatten(params: dict[str, Any]) -> dict[str, str]:
+    """Nested parameters as ``a.b.c -> text`` (config.load.flat_settings' keys; lists and numbers as JSON)."""
+    return {key: value if isinstance(value, str) else json.dumps(value, default=str)
+            for key, value in flat_settings(params).items()}
 
 
 def scalars(values: dict[str, Any]) -> dict[str, float]:
