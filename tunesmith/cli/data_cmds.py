@@ -84,7 +84,8 @@ def check_custom_dataset(
     overrides: list[str] = typer.Option(None, "--set", "--cfg-options", help=SET_HELP),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Only validate records (skip token lengths)."),
 ) -> None:
-    """Validate every record of a config's dataset: problems with file and line, turns, token lengths.
+    """Validate every record of a config's dataset: problems with file and line, turns, token lengths (for
+    preference pairs: pairs left, lengths of the chosen and of the rejected sequences, answers cut).
 
     Example: tunesmith check-custom-dataset ./internlm_chat_7b_qlora_medqa2019_e3_copy.yaml
     """
@@ -102,10 +103,12 @@ def log_dataset(
     ctx: typer.Context,
     config: str = typer.Argument(..., help="Config file or built-in recipe name."),
     show: str = typer.Option("all", "--show", help="text | masked_text | input_ids | labels | all"),
-    n: int = typer.Option(2, "-n", "--num", help="How many samples to show."),
+    n: int = typer.Option(2, "-n", "--num", help="How many samples (rows) to show; rows of preference pairs are "
+                          "shown sequence by sequence, as 'pair K chosen' / 'pair K rejected'."),
     overrides: list[str] = typer.Option(None, "--set", "--cfg-options", help=SET_HELP),
 ) -> None:
-    """Show the first training samples after templating and packing (what the model will see).
+    """Show the first training samples after templating and packing (what the model will see); preference pairs
+    sequence by sequence.
 
     Example: tunesmith log-dataset internlm_chat_7b_qlora_oasst1_e3 --show masked_text
     """

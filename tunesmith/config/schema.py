@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Method = Literal["qlora", "lora", "full"]
+Objective = Literal["sft", "dpo", "orpo"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 DeepSpeedName = Literal[
     "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3", "deepspeed_zero3_offload"
@@ -86,7 +87,8 @@ class DataSection(Section):
         "as XTuner. Not with prompt_template 'auto', which always renders the tokenizer's own template")
     strict: bool = Field(
         False, description="stop at the first malformed record; by default such records are skipped and counted")
-    max_length: int = Field(2048, ge=16, description="tokens per (packed) sample")
+    max_length: int = Field(2048, ge=16, description="tokens per (packed) sample; preference pairs: per sequence "
+                            "(chosen or rejected), and a packed row holds 2 x max_length")
     pack_to_max_length: bool = Field(True, description="pack samples into max_length sequences")
     shuffle_before_pack: bool = Field(True, description="shuffle samples before packing")
     max_dataset_length: int | None = Field(
@@ -125,6 +127,8 @@ class DataSection(Section):
 class TrainingSection(Section):
     """Optimizer, schedule, precision, seed and checkpoints."""
 
+    objective: Objective = Field(
+        "sft", description="sft (answers), or dpo / orpo on preference pairs (data.format preference); any method")
     max_epochs: int = Field(3, ge=1, description="passes over the data")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(1, ge=1, description="samples per device per micro-batch")
@@ -150,6 +154,30 @@ class TrainingSection(Section):
         False, description="also keep the checkpoint with the lowest validation loss as best.pth "
         "(needs data.validation)")
     log_interval: int = Field(10, ge=1, description="steps between log lines")
+
+
+class PreferenceSection(Section):
+    """DPO and ORPO (training.objective dpo / orpo) on pairs of a chosen and a rejected answer."""
+
+    beta: float = Field(0.1, gt=0, description="DPO: how far the trained model may move from the reference "
+                        "(the implicit reward is beta x the log-probability gained over the reference)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO: the share of pairs assumed mislabelled (conservative DPO); 0 = plain DPO")
+    sft_weight: float = Field(
+        0.0, ge=0, description="DPO: weight of the chosen answer's per-token negative log-likelihood added to the "
+        "loss (RPO; TRL's rpo_alpha); 0 = none")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO: weight of the odds-ratio term beside the chosen "
+                               "answer's negative log-likelihood (TRL's ORPOConfig.beta)")
+    reference: Literal["auto", "adapter_off", "precomputed"] = Field(
+        "auto", description="DPO's reference model: adapter_off = the model with its LoRA switched off, each step "
+        "(no second copy); precomputed = its log-probabilities computed once before training and kept in the work "
+        "dir; auto = adapter_off for lora / qlora, precomputed for full")
+
+    def reference_mode(self, method: str) -> str:
+        """The reference actually used for ``method`` (the one home of ``auto``)."""
+        if self.reference != "auto":
+            return self.reference
+        return "precomputed" if method == "full" else "adapter_off"
 
 
 class EvaluationSection(Section):
@@ -262,6 +290,7 @@ class TrainConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
@@ -289,6 +318,13 @@ class TrainConfig(Section):
         if self.evaluation.validation_every_n_steps is not None and self.data.validation is None:
             raise ValueError("evaluation.validation_every_n_steps needs data.validation (a file or a fraction)")
         ds = self.distributed.deepspeed or ""
+        if self.method == "full" and self.preference.reference == "adapter_off":
+            raise ValueError("preference.reference adapter_off needs an adapter (method lora or qlora); full "
+                             "fine-tuning uses precomputed (or auto)")
+        if (self.training.objective == "dpo" and "zero3" in ds
+                and self.preference.reference_mode(self.method) == "precomputed"):
+            raise ValueError("DPO's precomputed reference is not available under ZeRO-3 yet: use ZeRO-2, or "
+                             "method lora / qlora with preference.reference adapter_off")
         if "zero3" in ds and q.bits is not None and q.quant_storage is None:
             raise ValueError(
                 "QLoRA with ZeRO-3 needs quantization.quant_storage (e.g. bf16) so ZeRO can shard the 4-bit weights"

@@ -3,13 +3,14 @@
 `Turn(input, output, system="", output_with_loss=True)`: `system` is a non-loss text rendered before the
 turn's instruction (the first turn's system prompt, or a tool result in the msagent ReAct format), `input`
 the user message (prompt side, never trained on), `output` the reply (trained on unless
-`output_with_loss=False`).
+`output_with_loss=False`). A preference pair is a conversation whose last turn also carries `rejected`, the worse
+answer to the same prompt (`output` is the chosen one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 Conversation = list["Turn"]
@@ -29,6 +30,7 @@ class Turn:
     output: str
     system: str = ""
     output_with_loss: bool = True
+    rejected: str | None = None  # preference pairs: the rejected answer of the last turn (output is the chosen)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -38,6 +40,9 @@ class Turn:
         out["output"] = self.output
         if not self.output_with_loss:
             out["output_with_loss"] = False
+        if self.rejected is not None:
+            out["chosen"] = out.pop("output")
+            out["rejected"] = self.rejected
         return out
 
 
@@ -51,5 +56,4 @@ def with_default_system(turns: Sequence[Turn], system: str) -> list[Turn]:
     turns = list(turns)
     if not system or not turns or turns[0].system:
         return turns
-    first = turns[0]
-    return [Turn(first.input, first.output, system, first.output_with_loss), *turns[1:]]
+    return [replace(turns[0], system=system), *turns[1:]]

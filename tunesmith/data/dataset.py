@@ -44,7 +44,8 @@ import numpy as np
 
 from tunesmith.data.conversation import with_default_system
 from tunesmith.data.encode import ENCODE_VERSION, Encoded, EncodeStats, encode_records
-from tunesmith.data.pack import PackedDataset, SampleDataset, pack_bins
+from tunesmith.data.pack import PAIR_ROW_FACTOR, PackedDataset, SampleDataset, pack_bins, pair_dataset
+from tunesmith.data.pairs import PAIRS, encode_pairs
 from tunesmith.data.readers import MALFORMED, get_format, read_records
 from tunesmith.data.sources import data_files
 from tunesmith.data.templates import data_template, resolve_system
@@ -59,6 +60,7 @@ class DataStats:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
     samples: int = 0
+    pairs: int = 0  # preference pairs (each two samples: the chosen and the rejected sequence)
     packed_sequences: int = 0
     pad_fraction: float = 0.0
     tokens: int = 0
@@ -77,8 +79,9 @@ class DataStats:
         kept = {k: v for k, v in self.dropped.items() if k not in self.malformed_at}
         dropped = sum(kept.values())
         truncated = sum(self.truncated.values())
+        units = f"pairs {self.pairs} ({self.samples} sequences)" if self.pairs else f"samples {self.samples}"
         lines = [
-            f"records read {self.records_read}, conversations {self.conversations}, samples {self.samples}, "
+            f"records read {self.records_read}, conversations {self.conversations}, {units}, "
             f"tokens {self.tokens} ({self.loss_tokens} with loss)",
             f"dropped {dropped}" + (f" ({', '.join(f'{k}: {v}' for k, v in kept.items())})" if dropped else ""),
             f"truncated to max_length {self.max_length}: {truncated}"
@@ -218,10 +221,18 @@ def hold_out(records: list, stats: Any, fraction: float, *, seed: int, part: str
 
 
 def validate_data_names(cfg: Any) -> None:
-    """Fail fast (before loading a tokenizer or reading data) on unknown format / template / system names."""
-    get_format(cfg.data.format)
+    """Fail fast (before loading a tokenizer or reading data) on unknown format / template / system names, and on
+    a format that does not hold what ``training.objective`` trains on."""
+    fmt = get_format(cfg.data.format)
     data_template(cfg.data)
     resolve_system(cfg.data.system, cfg.data.system_template)
+    objective = getattr(getattr(cfg, "training", None), "objective", "sft")
+    if objective != "sft" and fmt.kind != PAIRS:
+        raise TunesmithError(f"training.objective {objective} trains on preference pairs, but data.format "
+                             f"{fmt.name!r} holds answers", "set data.format preference (or ultrafeedback, hh_rlhf)")
+    if objective == "sft" and fmt.kind == PAIRS:
+        raise TunesmithError(f"data.format {fmt.name!r} holds preference pairs, but training.objective is sft",
+                             "set training.objective dpo or orpo")
 
 
 def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
@@ -231,7 +242,8 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
     `progress(done, total)` reports tokenization (conversations) for a progress bar. ``part``: the training
     conversations, or the validation ones (`data.validation`)."""
     d = cfg.data
-    fmt = get_format(d.format)  # unknown names fail before any reading
+    validate_data_names(cfg)  # unknown names, or pairs with sft, fail before any reading
+    fmt = get_format(d.format)
     template = data_template(d)
     system = resolve_system(d.system, d.system_template)
     start = time.perf_counter()
@@ -252,11 +264,15 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
         records = keep_random_subset(records, rstats, d.max_dataset_length, seed=cfg.training.seed)
         if isinstance(d.validation, float):
             records = hold_out(records, rstats, d.validation, seed=cfg.training.seed, part=part)
-    convs = [with_default_system(r.turns, system) if fmt.kind == "chat" else r.turns for r in records]
+    convs = [with_default_system(r.turns, system) if fmt.kind != "text" else r.turns for r in records]
     report = (lambda n: progress(n, len(convs))) if progress is not None else None
-    samples, estats = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind,
-                                     progress=report)
+    if fmt.kind == PAIRS:
+        samples, estats = encode_pairs(convs, tokenizer, template, max_length=d.max_length, progress=report)
+    else:
+        samples, estats = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind,
+                                         progress=report)
     stats = _merge(rstats.as_dict(), estats, d.max_length)
+    stats.pairs = estats.samples // 2 if fmt.kind == PAIRS else 0
     if folder is not None:
         stats.cache_path = str(folder)
         _save(folder, samples, stats.as_dict())
@@ -304,8 +320,14 @@ def build_validation_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True
 def _as_dataset(samples: list[Encoded], stats: DataStats, cfg: Any, tokenizer: Any, *, seed: int | None
                 ) -> tuple[PackedDataset | SampleDataset, DataStats]:
     d = cfg.data
-    if d.pack_to_max_length:
-        dataset: PackedDataset | SampleDataset = pack_dataset(samples, d.max_length, seed=seed)
+    if get_format(d.format).kind == PAIRS:
+        dataset: PackedDataset | SampleDataset = pair_dataset(samples, d.max_length, pack=d.pack_to_max_length,
+                                                              seed=seed)
+        stats.packed_sequences = len(dataset) if d.pack_to_max_length else 0
+        capacity = len(dataset) * PAIR_ROW_FACTOR * d.max_length
+        stats.pad_fraction = 1.0 - stats.tokens / capacity if capacity and d.pack_to_max_length else 0.0
+    elif d.pack_to_max_length:
+        dataset = pack_dataset(samples, d.max_length, seed=seed)
         stats.packed_sequences = len(dataset)
         capacity = len(dataset) * d.max_length
         stats.pad_fraction = 1.0 - stats.tokens / capacity if capacity else 0.0

@@ -150,6 +150,13 @@ def _finish(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rendered: 
     return out
 
 
+def check_turns_can_end(template: Template, info: TokenizerInfo, *, text: bool = False) -> None:
+    """A reply (or document) must end in something learnable: the template's SUFFIX or the tokenizer's EOS."""
+    if (text or not template.suffix_as_eos or template.is_auto) and not info.eos_text and not template.is_auto:
+        raise TunesmithError("the tokenizer has no eos_token, so replies cannot end",
+                             "use a tokenizer with an eos_token, or a template whose SUFFIX ends a turn")
+
+
 def encode_records(convs: Iterable[Sequence[Turn]], tokenizer: Any, template: Template | str, *,
                    max_length: int | None, kind: str = "chat", system: str = "", bot_name: str = "BOT",
                    batch_size: int = 256, progress: Callable[[int], None] | None = None
@@ -158,10 +165,7 @@ def encode_records(convs: Iterable[Sequence[Turn]], tokenizer: Any, template: Te
     `progress(n)` is called after each batch with the number of conversations done so far."""
     t = get_template(template) if isinstance(template, str) else template
     info = tokenizer_info(tokenizer)
-    if kind == "text" or not t.suffix_as_eos or t.is_auto:
-        if not info.eos_text and not t.is_auto:
-            raise TunesmithError("the tokenizer has no eos_token, so replies cannot end",
-                                 "use a tokenizer with an eos_token, or a template whose SUFFIX ends a turn")
+    check_turns_can_end(t, info, text=kind == "text")
     stats = EncodeStats()
     out: list[Encoded] = []
     batch: list[Rendered] = []

@@ -60,6 +60,18 @@ FORMAT_EXAMPLES: dict[str, Any] = {
             "answer": "SELECT COUNT(*) FROM users"},
     "stack_exchange": {"question": "How do I reverse a list in Python?", "response": "Use reversed(xs) or xs[::-1]."},
     "tiny_codes": {"prompt": "Write a Bash line that counts the files in a folder.", "response": "ls | wc -l"},
+    "preference": {"prompt": "What is the capital of Norway?", "chosen": "The capital of Norway is Oslo.",
+                   "rejected": "The capital of Norway is Bergen."},
+    "ultrafeedback": {"prompt": "Name a primary colour.", "chosen": [
+        {"role": "user", "content": "Name a primary colour."},
+        {"role": "assistant", "content": "Red is a primary colour."},
+    ], "rejected": [
+        {"role": "user", "content": "Name a primary colour."},
+        {"role": "assistant", "content": "Green, obviously. Look it up."},
+    ], "score_chosen": 9.0, "score_rejected": 3.0},
+    "hh_rlhf": {"chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Simmer it for about nine minutes, then "
+                          "cool it in cold water.",
+                "rejected": "\n\nHuman: How do I boil an egg?\n\nAssistant: Figure it out yourself."},
     "wizardlm": {"conversations": [
         {"from": "human", "value": "Give me a synonym of happy."},
         {"from": "gpt", "value": "Joyful."},

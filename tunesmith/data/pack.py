@@ -17,6 +17,12 @@
   `cu_seqlens_from_position_ids(position_ids)` for varlen attention kernels; packed batches carry it as
   `cu_seq_lens`.
 
+Preference pairs (`pair_dataset`): a pair's chosen and rejected sequences always sit in one row, one after the
+other (positions restart, so attention never crosses them); packed rows hold whole pairs up to
+`PAIR_ROW_FACTOR` x max_length tokens (max_length counts one sequence), unpacked rows hold one pair. Their batches
+add `sequence_ids` (int64 [B, L]: the index of the sequence each token belongs to, counted over the whole
+micro-batch row by row, -1 on padding; pair k is sequences 2k (chosen) and 2k+1 (rejected)) and `num_pairs`.
+
 Attention isolation: transformers 5 (masking_utils.find_packed_sequence_indices) derives a block-diagonal
 causal mask from position_ids that restart, in the sdpa / eager / flex / flash paths, when no
 attention_mask and no KV cache are passed — the training forward must use `use_cache=False`
@@ -92,6 +98,7 @@ class PackedDataset(Dataset):
     """Several encoded samples per item, concatenated; positions restart per sample."""
 
     packed = True
+    pairs = False
 
     def __init__(self, samples: Sequence[Encoded], bins: Sequence[Sequence[int]]):
         self.samples = list(samples)
@@ -110,8 +117,53 @@ class PackedDataset(Dataset):
         return _item(ids, labels, positions)
 
 
+PAIR_ROW_FACTOR = 2  # a packed row of pairs holds this many times data.max_length tokens (max_length: one sequence)
+
+
+class PairDataset(PackedDataset):
+    """Preference pairs in rows (module docstring): samples 2k and 2k+1 are pair k's chosen and rejected."""
+
+    pairs = True
+    reference_logps: np.ndarray | None = None  # DPO's precomputed reference, one log-probability per sample
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.samples) // 2
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        if self.reference_logps is not None:
+            item["reference_logps"] = torch.from_numpy(self.reference_logps[self.bins[i]].astype(np.float32))
+        return item
+
+
+def pair_dataset(samples: Sequence[Encoded], max_length: int, *, pack: bool, seed: int | None) -> PairDataset:
+    """Rows of whole pairs: packed into ``PAIR_ROW_FACTOR * max_length`` tokens, or one pair a row."""
+    n = len(samples) // 2
+    if pack:
+        sizes = [len(samples[2 * k].input_ids) + len(samples[2 * k + 1].input_ids) for k in range(n)]
+        groups = pack_bins(sizes, PAIR_ROW_FACTOR * max_length, seed=seed)
+    else:
+        groups = [[k] for k in range(n)]
+    return PairDataset(samples, [[i for k in g for i in (2 * k, 2 * k + 1)] for g in groups])
+
+
+def sequence_ids(position_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """For each token, the index of its sequence (a run of positions starting at 0) counted over the batch row by
+    row; -1 on padding (positions at or past each row's length)."""
+    starts = (position_ids == 0).long()
+    ids = torch.full_like(position_ids, -1)
+    offset = 0
+    for r, k in enumerate(lengths):
+        row = torch.cumsum(starts[r, :k], 0) - 1 + offset
+        ids[r, :k] = row
+        offset = int(row[-1]) + 1 if k else offset
+    return ids
+
+
 def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int, packed: bool,
-            pad_to_multiple_of: int = 1) -> dict[str, Any]:
+            pad_to_multiple_of: int = 1, pairs: bool = False) -> dict[str, Any]:
+    packed = packed or pairs  # a row of pairs holds two sequences or more: never an attention_mask
     lengths = [len(it["input_ids"]) for it in items]
     width = max(lengths)
     width = int(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of)
@@ -134,6 +186,11 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int, packed:
     if packed:  # computed here, on the host, so the training step needs no device-to-host copy to find them
         batch["cu_seq_lens"] = cu_seqlens_from_position_ids(position_ids)
     batch["num_loss_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if pairs:
+        batch["sequence_ids"] = sequence_ids(position_ids, lengths)
+        batch["num_pairs"] = (int(batch["sequence_ids"].max()) + 1) // 2
+        if "reference_logps" in items[0]:
+            batch["reference_logps"] = torch.cat([it["reference_logps"] for it in items])
     return batch
 
 
@@ -212,11 +269,11 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 class _Collate:
-    def __init__(self, pad_token_id: int, packed: bool):
-        self.pad_token_id, self.packed = pad_token_id, packed
+    def __init__(self, pad_token_id: int, packed: bool, pairs: bool = False):
+        self.pad_token_id, self.packed, self.pairs = pad_token_id, packed, pairs
 
     def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        return collate(items, self.pad_token_id, self.packed)
+        return collate(items, self.pad_token_id, self.packed, pairs=self.pairs)
 
 
 def make_dataloader(dataset: SampleDataset | PackedDataset, cfg: Any, *, seed: int, epoch: int, rank: int = 0,
@@ -233,5 +290,6 @@ def make_dataloader(dataset: SampleDataset | PackedDataset, cfg: Any, *, seed: i
                                        world_size=world_size, start_index=start_index)
     pad = pad_token_id if pad_token_id is not None else getattr(dataset, "pad_token_id", None)
     return DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=cfg.data.num_workers,
-                      collate_fn=_Collate(0 if pad is None else int(pad), dataset.packed), drop_last=False,
+                      collate_fn=_Collate(0 if pad is None else int(pad), dataset.packed,
+                                          getattr(dataset, "pairs", False)), drop_last=False,
                       persistent_workers=False)

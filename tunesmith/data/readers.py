@@ -26,6 +26,7 @@ from tunesmith.data.conversation import RecordError, SkipRecord, Turn
 from tunesmith.data.fields import as_bool, need, nonempty_list, text_field
 from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
 from tunesmith.data.msagent import msagent_react_map_fn
+from tunesmith.data.pairs import PAIRS, preference_map_fn
 from tunesmith.data.sources import RawRecord, UnreadableLine, iter_raw  # noqa: F401  (RawRecord: re-exported)
 from tunesmith.data.templates import SYSTEM_TEMPLATES
 from tunesmith.data.xtuner_readers import XTUNER_FORMATS
@@ -202,7 +203,7 @@ class DatasetFormat:
     name: str
     map_fn: Callable[[Any], list[Turn]]
     description: str
-    kind: str = "chat"  # "text": plain-text (pre-)training, no chat template
+    kind: str = "chat"  # "text": plain-text (pre-)training, no chat template; "pairs": preference pairs (DPO / ORPO)
 
 
 _FORMATS = [
@@ -226,6 +227,14 @@ _FORMATS = [
 _FORMATS += [DatasetFormat(name, map_fn, description) for name, map_fn, description in XTUNER_FORMATS]
 FORMATS: dict[str, DatasetFormat] = {f.name: f for f in _FORMATS}
 FORMATS["wizardlm"] = DatasetFormat("wizardlm", sharegpt_map_fn, "alias of sharegpt (XTuner's wizardlm_map_fn)")
+FORMATS["preference"] = DatasetFormat(
+    "preference", preference_map_fn, 'pairs for DPO / ORPO: {"prompt", "chosen", "rejected"} as text or messages '
+    "(TRL), chosen/rejected conversations (UltraFeedback), HH-RLHF transcripts, or a conversation whose last "
+    "turn has chosen/rejected", kind=PAIRS)
+FORMATS["ultrafeedback"] = DatasetFormat("ultrafeedback", preference_map_fn, "alias of preference "
+                                         "(UltraFeedback-binarized: chosen/rejected message lists)", kind=PAIRS)
+FORMATS["hh_rlhf"] = DatasetFormat("hh_rlhf", preference_map_fn, "alias of preference (Anthropic HH-RLHF: "
+                                   "chosen/rejected transcripts)", kind=PAIRS)
 
 
 def format_names() -> list[str]:
