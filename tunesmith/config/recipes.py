@@ -115,6 +115,28 @@ DATASET_PRESETS: tuple[DatasetPreset, ...] = (
                                     "evaluation.inputs": ["上海明天天气怎么样？"]}),
 )
 
+# Preference tuning (training.objective dpo / orpo) on pairs. max_length counts one sequence (chosen or rejected), so a
+# packed row holds 2 x 1024 tokens. Learning rates: DPO's usual 5e-7 for full fine-tuning (XTuner's and TRL's
+# examples) and 5e-6 for an adapter; ORPO's paper rate 8e-6 for full fine-tuning and 5e-5 for an adapter.
+_ULTRAFEEDBACK = {"data.path": "HuggingFaceH4/ultrafeedback_binarized", "data.split": "train_prefs",
+                  "data.format": "ultrafeedback", "data.max_length": 1024, "training.accumulative_counts": 16}
+PREFERENCE_PRESETS: tuple[DatasetPreset, ...] = (
+    DatasetPreset("ultrafeedback_dpo", {**_ULTRAFEEDBACK, "training.objective": "dpo"}, epochs=1),
+    DatasetPreset("ultrafeedback_orpo", {**_ULTRAFEEDBACK, "training.objective": "orpo"}, epochs=1),
+)
+PREFERENCE_MODELS = ("internlm_chat_7b", "internlm2_chat_1_8b", "internlm2_chat_7b", "llama3_8b_instruct",
+                     "qwen2_5_7b_instruct", "mistral_7b_instruct")
+PREFERENCE_LR = {("dpo", "full"): 5e-7, ("dpo", "adapter"): 5e-6, ("orpo", "full"): 8e-6, ("orpo", "adapter"): 5e-5}
+# the embedded model's: the 320 pairs shipped in examples/data (run from a checkout, or point data.path at them)
+_SMALL_PREFERENCE = {"data.path": "examples/data/preference_pairs.jsonl", "data.format": "preference",
+                     "data.max_length": 128, "data.validation": 0.1, "training.batch_size": 4,
+                     "training.accumulative_counts": 2, "evaluation.every_n_steps": 10}
+SMALL_PREFERENCE_PRESETS: tuple[DatasetPreset, ...] = (
+    DatasetPreset("preference_dpo", {**_SMALL_PREFERENCE, "training.objective": "dpo"}, epochs=1),
+    DatasetPreset("preference_orpo", {**_SMALL_PREFERENCE, "training.objective": "orpo"}, epochs=1),
+)
+SMALL_PREFERENCE_LR = {"dpo": 5e-4, "orpo": 5e-4}  # LoRA on 135M parameters, a few dozen steps
+
 METHODS = ("qlora", "lora", "full")
 
 # The embedded model gets short CPU-friendly recipes (one epoch, small batches, shorter sequences).
@@ -151,6 +173,12 @@ def _recipe_settings(model: ModelPreset, method: str, dataset: DatasetPreset, ep
         settings.update(_SMALL_SETTINGS)
         if dataset.name == "medqa2019":
             settings["evaluation.inputs"] = dataset.settings["evaluation.inputs"]
+    objective = settings.get("training.objective", "sft")
+    if objective != "sft":
+        settings.update({k: v for k, v in dataset.settings.items() if k in _SMALL_PREFERENCE})
+        kind = "full" if method == "full" else "adapter"
+        settings["training.lr"] = (SMALL_PREFERENCE_LR[objective] if model.name == _SMALL_MODEL and kind == "adapter"
+                                   else PREFERENCE_LR[(objective, kind)])
     return settings
 
 
@@ -167,6 +195,11 @@ def _catalogue() -> dict[str, dict[str, Any]]:
                 suffix = "_gpu8" if dataset.name == "msagent_react" else ""
                 name = f"{model.name}_{method}_{dataset.name}_e{epochs}{suffix}"
                 recipes[name] = _recipe_settings(model, method, dataset, epochs)
+            preference = (SMALL_PREFERENCE_PRESETS if small else
+                          PREFERENCE_PRESETS if model.name in PREFERENCE_MODELS else ())
+            for dataset in preference:
+                name = f"{model.name}_{method}_{dataset.name}_e{dataset.epochs}"
+                recipes[name] = _recipe_settings(model, method, dataset, dataset.epochs)
     return recipes
 
 

@@ -47,10 +47,11 @@ from tunesmith.train.distributed import (
 )
 from tunesmith.train.eval_hook import EvaluateChat
 from tunesmith.train.failures import nan_error, oom_error
-from tunesmith.train.loss import CausalLMLoss
 from tunesmith.train.memory import fit_activations, longest_batch, planning_wanted
 from tunesmith.train.metrics import MetricsWriter
 from tunesmith.train.optim import Schedule, build_optimizer, trainable_parameters
+from tunesmith.train.preference import objective_module, summarize
+from tunesmith.train.reference import attach_reference
 from tunesmith.train.runlog import RunLog, validation_line
 from tunesmith.train.setup import (
     build_data,
@@ -62,7 +63,7 @@ from tunesmith.train.setup import (
     seed_everything,
 )
 from tunesmith.train.state import Position, load_trainable_weights, restore_rng, restore_run, save_run
-from tunesmith.train.step import DDPBackend, DeepSpeedBackend, LocalBackend, TrainStep
+from tunesmith.train.step import DDPBackend, DeepSpeedBackend, LocalBackend, TrainStep, take_stats
 from tunesmith.train.trackers import check_trackers
 from tunesmith.train.validate import Validation
 
@@ -171,8 +172,12 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
     if resumed is not None:
         load_trainable_weights(model, resumed["weights"], cfg.method)
     optimizer = build_optimizer(params, t, fused=env.device.type == "cuda" and ds_config is None)
-    module = CausalLMLoss(model, fast.loss_options())
+    module = objective_module(model, cfg, fast.loss_options())
     printer(fast.describe())
+    if cfg.training.objective == "dpo" and cfg.preference.reference_mode(cfg.method) == "precomputed":
+        attach_reference(module, {"train": data.dataset, "validation": data.validation}, work_dir=work_dir,
+                         resumed=resumed is not None, is_main=env.is_main, batch_size=t.batch_size,
+                         precision=precision, device=env.device, host_inputs=fast.host_inputs, printer=printer)
     activation_plan = None
     if planning_wanted(fast, t.gradient_checkpointing):
         printer("fitting the compiled layers' activations into the GPU (a few compiled probe steps) ...")
@@ -181,6 +186,7 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
                                world_size=env.world_size)
         activation_plan = plan.describe()
         printer(activation_plan)
+        take_stats(module)  # the probe steps' numbers are not training's
     if ds_config is not None:
         backend = DeepSpeedBackend(module, optimizer, params, ds_config=ds_config, stage=stage,
                                    world_size=env.world_size, accumulation=t.accumulative_counts)
@@ -222,9 +228,10 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
         evaluator.run(model, 0)
         if validation is not None:
             held = validation.run(backend)
-            first = {"val_loss": held.loss, "val_ppl": held.perplexity}
+            first = held.values()
             metrics.log(0, first)
-            printer(f"validation before training: {validation_line(first)} ({held.tokens} tokens)")
+            unit = "tokens" if held.perplexity is not None else "pairs"
+            printer(f"validation before training: {validation_line(first)} ({held.tokens} {unit})")
 
     # --- Ctrl-C: finish the step, save, say so ---------------------------------------------------------------
     interrupted = {"flag": False}
@@ -288,13 +295,14 @@ def _train(cfg: TrainConfig, env: DistEnv, work_dir: Path, resume: Any, log: Run
                 if not math.isfinite(loss):
                     raise nan_error(pos.step, loss, precision)
                 losses.append(loss)
-                values = {"loss": loss, "lr": lr, "grad_norm": out.grad_norm, "epoch": pos.epoch + 1,
+                values = {"loss": loss, **summarize(out.stats), "lr": lr, "grad_norm": out.grad_norm,
+                          "epoch": pos.epoch + 1,
                           "tokens_per_s": out.input_tokens * env.world_size / max(time.perf_counter() - clock, 1e-9),
                           "memory_gb": round(memory_gb(env.device), 3)}
                 new_best = False
                 if validation is not None and validation.due(pos.step):
                     held = validation.run(backend)
-                    values.update(val_loss=held.loss, val_ppl=held.perplexity)
+                    values.update(held.values())
                     new_best = t.save_best and (pos.best_val_loss is None or held.loss < pos.best_val_loss)
                     if new_best:
                         pos.best_val_loss, pos.best_step = held.loss, pos.step

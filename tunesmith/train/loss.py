@@ -26,6 +26,8 @@ class CausalLMLoss(nn.Module):
     stage (chunked cross-entropy that never materialises the full logits, or the plain path).
     """
 
+    count_key = "num_loss_tokens"  # what a micro-batch's loss sum is divided by, summed over the window
+
     def __init__(self, model: nn.Module, loss_options: dict[str, Any] | None = None):
         super().__init__()
         self.model = model
@@ -37,9 +39,11 @@ class CausalLMLoss(nn.Module):
         return model_loss_sum(self.model, batch, **self.loss_options)
 
 
-def window_tokens(batches: Sequence[dict[str, Any]], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Target tokens in an accumulation window, summed over all ranks (one all-reduce)."""
-    total = torch.tensor(float(sum(int(b["num_loss_tokens"]) for b in batches)), device=device)
+def window_tokens(batches: Sequence[dict[str, Any]], device: torch.device | str = "cpu",
+                  key: str = "num_loss_tokens") -> torch.Tensor:
+    """Target tokens (or, with ``key="num_pairs"``, preference pairs) in an accumulation window, summed over all
+    ranks (one all-reduce)."""
+    total = torch.tensor(float(sum(int(b[key]) for b in batches)), device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return total

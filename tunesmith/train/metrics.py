@@ -47,7 +47,8 @@ def loss_figure(records: list[dict[str, Any]], name: str = ""):
     """The run's plot as a matplotlib Figure: the training loss smoothed (EMA, `EMA_WEIGHT`) over the raw steps
     drawn faint, the validation loss as points, the learning rate on its own right axis, one legend, integer
     step ticks; the title compares the first and last validation loss when there is one, else the smoothed
-    training loss at the start and the end. None when there is nothing to draw."""
+    training loss at the start and the end. Preference runs (DPO / ORPO) get a second panel: the reward accuracy and
+    margin (`_preference_axes`). None when there is nothing to draw."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -55,8 +56,9 @@ def loss_figure(records: list[dict[str, Any]], name: str = ""):
     val = [r for r in records if "val_loss" in r]
     if not train and not val:
         return None
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    ax = fig.add_subplot()
+    preference = any("reward_accuracy" in r or "val_reward_accuracy" in r for r in records)
+    fig = Figure(figsize=(8, 7.5 if preference else 4.5), dpi=100)
+    ax = fig.add_subplot(2, 1, 1) if preference else fig.add_subplot()
     handles = []
     if train:
         steps, raw = [r["step"] for r in train], [r["loss"] for r in train]
@@ -67,7 +69,7 @@ def loss_figure(records: list[dict[str, Any]], name: str = ""):
         handles += ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color="tab:red",
                            label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (token-weighted)")
+    ax.set_ylabel("loss (mean per pair)" if preference else "loss (token-weighted)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     lr_rows = [r for r in train if "lr" in r]
@@ -85,8 +87,35 @@ def loss_figure(records: list[dict[str, Any]], name: str = ""):
     else:
         title = f"loss (EMA) {smooth[0]:.3f} -> {smooth[-1]:.3f} over {steps[-1]} steps"
     ax.set_title(f"{name}: {title}" if name else title, fontsize="medium")
+    if preference:
+        _preference_axes(fig.add_subplot(2, 1, 2, sharex=ax), records)
     fig.tight_layout()
     return fig
+
+
+def _preference_axes(ax, records: list[dict[str, Any]]) -> None:
+    """DPO / ORPO runs: the reward accuracy (EMA) and margin of the training steps, the validation's reward and
+    preference accuracies as points."""
+    train = [r for r in records if "reward_accuracy" in r]
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, ema([r["reward_accuracy"] for r in train]), color="tab:green", linewidth=2,
+                label=f"reward accuracy (EMA {EMA_WEIGHT})")
+        margin = ax.twinx()
+        margin.plot(steps, ema([r["reward_margin"] for r in train]), color="tab:purple", linestyle="--",
+                    label="reward margin (EMA, right axis)")
+        margin.set_ylabel("reward margin")
+        margin.legend(loc="lower right", fontsize="small")
+    for key, style, label in (("val_reward_accuracy", "s", "validation reward accuracy"),
+                              ("val_preference_accuracy", "o", "validation preference accuracy")):
+        val = [r for r in records if key in r]
+        if val:
+            ax.plot([r["step"] for r in val], [r[key] for r in val], style, label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small")
 
 
 class MetricsWriter:

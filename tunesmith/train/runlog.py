@@ -8,7 +8,9 @@ the first and last), evaluation answers, ``saved ...`` for each checkpoint, and 
 
 A step with a validation loss (``data.validation``) always gets its line, with ``val_loss 1.3012 val_ppl 3.674``
 (and ``best`` when ``training.save_best`` kept it) before the times; the validation before the first step has a
-line of its own (`validation_line`).
+line of its own (`validation_line`). Preference runs (DPO / ORPO) add ``acc 0.750 margin 0.4321`` (the reward
+accuracy and margin) after the loss, and their validation shows ``val_acc`` / ``val_margin`` / ``val_pref_acc``
+instead of a perplexity.
 
 On a terminal (and with progress on) the console shows one live bar made of that same line instead of the step
 lines; without one (``nohup tunesmith train CFG > out.log 2>&1 &``) step lines are plain text, no colours, no
@@ -33,6 +35,8 @@ def step_line(step: int, total: int, epoch: int, values: dict[str, Any], *, elap
               eta_seconds: float | None) -> str:
     """The numbers of one optimizer step as the terminal bar and the plain log show them."""
     parts = [f"step {step}/{total}", f"epoch {epoch}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.3e}"]
+    if "reward_accuracy" in values:
+        parts.append(f"acc {values['reward_accuracy']:.3f} margin {values['reward_margin']:.4f}")
     if values.get("grad_norm") is not None:
         parts.append(f"grad_norm {values['grad_norm']:.4f}")
     parts.append(f"tok/s {values.get('tokens_per_s', 0):.0f}")
@@ -45,9 +49,14 @@ def step_line(step: int, total: int, epoch: int, values: dict[str, Any], *, elap
 
 
 def validation_line(values: dict[str, Any]) -> str:
-    """``val_loss 1.3012 val_ppl 3.674`` (``best`` added when values say so)."""
-    return (f"val_loss {values['val_loss']:.4f} val_ppl {values['val_ppl']:.3f}"
-            + (" best" if values.get("best") else ""))
+    """``val_loss 1.3012 val_ppl 3.674`` (``best`` added when values say so); preference runs:
+    ``val_loss 0.6931 val_acc 0.500 val_margin 0.0000 val_pref_acc 0.550``."""
+    if "val_reward_accuracy" in values:
+        numbers = (f"val_loss {values['val_loss']:.4f} val_acc {values['val_reward_accuracy']:.3f} "
+                   f"val_margin {values['val_reward_margin']:.4f} val_pref_acc {values['val_preference_accuracy']:.3f}")
+    else:
+        numbers = f"val_loss {values['val_loss']:.4f} val_ppl {values['val_ppl']:.3f}"
+    return numbers + (" best" if values.get("best") else "")
 
 
 class RunLog:

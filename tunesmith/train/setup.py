@@ -97,7 +97,9 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, *, device: torch.dev
     model = models.prepare_for_training(model, cfg)
     if cfg.quantization.bits is None:
         model.to(device)
-    fast = apply_fast_paths(model, cfg.speed, packed=cfg.data.pack_to_max_length, deepspeed_stage=deepspeed_stage,
+    # a row of preference pairs always holds two sequences or more: packed attention, packed or not
+    rows_packed = cfg.data.pack_to_max_length or cfg.training.objective != "sft"
+    fast = apply_fast_paths(model, cfg.speed, packed=rows_packed, deepspeed_stage=deepspeed_stage,
                             device=device, world_size=world_size)
     return model, fast
 

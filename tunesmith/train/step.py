@@ -17,7 +17,7 @@ backend           what it adds
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -182,11 +182,12 @@ class DeepSpeedBackend:
 
 @dataclass
 class StepOutput:
-    loss_sum: torch.Tensor  # summed target-token losses of the window, all ranks
-    tokens: torch.Tensor  # target tokens of the window, all ranks
+    loss_sum: torch.Tensor  # summed target-token losses of the window, all ranks (preference: summed pair losses)
+    tokens: torch.Tensor  # target tokens of the window, all ranks (preference: pairs)
     grad_norm: float | None
     input_tokens: int  # input positions this rank processed (padding included): the throughput count
     samples: int  # rows this rank processed
+    stats: dict[str, float] = field(default_factory=dict)  # preference numbers summed over the window, all ranks
 
     @property
     def loss(self) -> float:
@@ -202,7 +203,7 @@ class TrainStep:
 
     def __call__(self, window: list[dict[str, Any]]) -> StepOutput:
         b = self.backend
-        tokens = window_tokens(window, self.device)
+        tokens = window_tokens(window, self.device, getattr(b.module, "count_key", "num_loss_tokens"))
         total = torch.zeros((), device=self.device)
         input_tokens = samples = 0
         for i, batch in enumerate(window):
@@ -217,9 +218,23 @@ class TrainStep:
             total += loss_sum.detach().float()
             b.end_micro()
         grad_norm = b.update()
+        stats = take_stats(b.module)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
-        return StepOutput(total, tokens, grad_norm, input_tokens, samples)
+        return StepOutput(total, tokens, grad_norm, input_tokens, samples, stats)
+
+
+def take_stats(module: torch.nn.Module) -> dict[str, float]:
+    """The numbers a preference module summed since it was last asked, added over all ranks ({} for SFT)."""
+    take = getattr(module, "take_stats", None)
+    stats = take() if take is not None else {}
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    values = torch.stack([stats[k].to(torch.float64) for k in keys])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+    return dict(zip(keys, values.tolist(), strict=True))
 
 
 def probe_step(module: torch.nn.Module, precision: str, device: torch.device):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.errors import TunesmithError
@@ -31,8 +31,15 @@ def token_weighted(loss_sum: float, tokens: int) -> tuple[float, float]:
 @dataclass
 class HeldOutLoss:
     loss: float
-    perplexity: float
-    tokens: int
+    perplexity: float | None  # None for preference pairs (their loss is not a per-token cross-entropy)
+    tokens: int  # loss tokens (preference: pairs)
+    preference: dict[str, float] = field(default_factory=dict)  # val_reward_accuracy, ... (train/preference.py)
+
+    def values(self) -> dict[str, float]:
+        """What metrics.jsonl and the log get: ``val_loss`` and ``val_ppl``, or the preference numbers."""
+        if self.perplexity is None:
+            return {"val_loss": self.loss, **self.preference}
+        return {"val_loss": self.loss, "val_ppl": self.perplexity}
 
 
 class Validation:
@@ -52,8 +59,10 @@ class Validation:
     def run(self, backend: Any) -> HeldOutLoss:
         import torch
 
-        from tunesmith.train.step import to_device
+        from tunesmith.train.preference import summarize
+        from tunesmith.train.step import take_stats, to_device
 
+        take_stats(backend.module)  # numbers of earlier forwards are not this validation's
         runner = backend.runner
         was_training = runner.training
         runner.eval()
@@ -66,8 +75,13 @@ class Validation:
         finally:
             if was_training:
                 runner.train()
+        stats = take_stats(backend.module)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
         loss_sum, tokens = total.tolist()
+        if stats:  # preference pairs: the mean pair loss and the reward numbers
+            if tokens <= 0:
+                raise TunesmithError("the held-out data has no pairs to score", "check data.validation")
+            return HeldOutLoss(loss_sum / tokens, None, int(tokens), summarize(stats, prefix="val_"))
         loss, ppl = token_weighted(loss_sum, int(tokens))
         return HeldOutLoss(loss, ppl, int(tokens))

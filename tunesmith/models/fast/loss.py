@@ -157,7 +157,7 @@ def causal_lm_loss_sum(
 
     if isinstance(lm_head, torch.Tensor):
         weight, bias = lm_head, None
-    elif type(lm_head) is nn.Linear and not _partitioned(lm_head.weight):
+    elif type(lm_head) is nn.Linear and not is_partitioned(lm_head.weight):
         weight, bias = lm_head.weight, lm_head.bias
     else:  # a wrapped head, or one DeepSpeed ZeRO-3 gathers only inside its own forward
         return _generic_chunked(hidden, lm_head, targets, chunk_size or 512), n_tokens
@@ -186,7 +186,7 @@ def causal_lm_loss_sum(
     return loss, n_tokens
 
 
-def _partitioned(weight: torch.Tensor) -> bool:
+def is_partitioned(weight: torch.Tensor) -> bool:
     """DeepSpeed ZeRO-3 keeps a placeholder outside the module's forward (``ds_id`` set, no elements)."""
     return hasattr(weight, "ds_id") or weight.numel() == 0
 
