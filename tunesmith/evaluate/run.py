@@ -5,6 +5,9 @@ For each model:
    (same template, loss only on the answers and their end-of-turn token);
 2. with `max_new_tokens > 0`, an answer generated (greedy) for the last turn of each conversation, through the
    inference engine's batched decoding, scored against the reference with ROUGE-L and BLEU.
+
+Preference pairs (a `pairs` format: records with chosen / rejected) are ranked instead of generated: each model's
+preference accuracy and margin, and the first model's DPO reward relative to the second (preference.py).
 """
 
 from __future__ import annotations
@@ -45,8 +48,18 @@ class EvalOptions:
     extra: dict = field(default_factory=dict)
 
 
+def _is_pair(rec: dict) -> bool:
+    """chosen / rejected beside the prompt, or on the last turn of a conversation / message list."""
+    if "chosen" in rec and "rejected" in rec:
+        return True
+    turns = rec.get("conversation", rec.get("messages"))
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[-1], dict) and {"chosen", "rejected"} <= set(
+        turns[-1])
+
+
 def detect_format(path: str) -> str:
-    """Reader name from the first record's keys (conversation, openai, oasst1, alpaca, sharegpt, default)."""
+    """Reader name from the first record's keys (preference, conversation, openai, oasst1, alpaca, sharegpt,
+    default)."""
     from tunesmith.data.sources import iter_raw
 
     try:
@@ -58,6 +71,8 @@ def detect_format(path: str) -> str:
         return "openai"
     if not isinstance(rec, dict):
         raise TunesmithError(f"{first.where}: cannot tell the data format", "pass --format (see list-dataset-format)")
+    if _is_pair(rec):
+        return "preference"
     keys = set(rec)
     for key, name in (("conversation", "conversation"), ("messages", "openai"), ("conversations", "sharegpt"),
                       ("instruction", "alpaca")):
@@ -177,10 +192,19 @@ def evaluate_model(engine, convs: Sequence[Sequence[Turn]], opts: EvalOptions, n
 
 def run_eval(opts: EvalOptions) -> dict:
     """Evaluate `opts.model` (and `opts.compare`), write the report into `opts.out`; returns the report dict."""
+    from tunesmith.data.pairs import PAIRS
+    from tunesmith.data.readers import get_format
     from tunesmith.evaluate.report import write_report
     from tunesmith.infer.engine import Engine
 
     convs, fmt = load_conversations(opts.data, opts.data_format, opts.max_samples)
+    pairs = get_format(fmt).kind == PAIRS
+    if pairs:  # ranked, not generated: their own scorer, called as evaluate_model is
+        from tunesmith.evaluate.preference import PairScorer
+
+        score = PairScorer()
+    else:
+        score = evaluate_model
     progress = _Progress(opts.progress)
     models, outputs = [], {}
     template_name = None
@@ -196,7 +220,7 @@ def run_eval(opts: EvalOptions) -> dict:
                                  trust_remote_code=opts.trust_remote_code, max_batch=opts.batch_size)
             try:
                 template_name = template_name or engine.template.name
-                metrics, outs = evaluate_model(engine, convs, opts, name, progress)
+                metrics, outs = score(engine, convs, opts, name, progress)
             finally:
                 engine.close()
                 del engine
@@ -206,20 +230,25 @@ def run_eval(opts: EvalOptions) -> dict:
     finally:
         progress.close()
     examples = []
-    if opts.max_new_tokens > 0:
+    if opts.max_new_tokens > 0 and not pairs:
         for i, turns in enumerate(convs[:EXAMPLES_IN_REPORT]):
             examples.append({"index": i, "prompt": turns[-1].input, "reference": turns[-1].output,
                              "outputs": {name: outs[i] for name, outs in outputs.items() if i < len(outs)}})
-    report = {"data": str(opts.data), "format": fmt, "samples": len(convs), "max_samples": opts.max_samples,
-              "prompt_template": template_name, "max_new_tokens": opts.max_new_tokens,
-              "max_length": opts.max_length, "models": models, "examples": examples,
-              "outputs": outputs}
+    report = {"data": str(opts.data), "format": fmt, "kind": "conversations", "samples": len(convs),
+              "max_samples": opts.max_samples, "prompt_template": template_name,
+              "max_new_tokens": 0 if pairs else opts.max_new_tokens, "max_length": opts.max_length,
+              "models": models, "examples": examples, "outputs": outputs}
+    if pairs:
+        report.update(score.finish(models, convs))
     paths = write_report(report, opts.out)
     report["files"] = {k: str(v) for k, v in paths.items()}
     return report
 
 
 def _summary(m: dict) -> str:
+    if "preference_accuracy" in m:
+        return (f"{m['name']}: preference accuracy {m['preference_accuracy']:.4f}  margin {m['margin']:+.4f} "
+                f"nats/token  ({m['pairs']} pairs)")
     text = f"{m['name']}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  ({m['loss_tokens']} answer tokens)"
     if "rougeL" in m:
         text += f"  ROUGE-L {m['rougeL']:.4f}  BLEU {m['bleu']:.2f}"
