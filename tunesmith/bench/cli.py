@@ -11,12 +11,15 @@ BENCH_HELP = """Time training on a random-weight model: tunesmith against a plai
 
 Step mode (default) builds both in one process and times single steps, each fast path switched off in turn.
 --end-to-end writes a model folder of the shape and runs `tunesmith train` itself (as a user does) beside the
-plain loop on the same folder and data; the train rows' numbers come from the run's own metrics.jsonl.
+plain loop on the same folder and data; the train rows' numbers come from the run's own metrics.jsonl. Preference
+rows ('trl dpo|orpo METHOD': TRL's trainer, TRL must be installed; 'train METHOD dpo|orpo [@trl]') run on a pairs
+file cut from --data, each sequence (chosen or rejected) up to --pair-length tokens.
 
 \b
 Examples:
   tunesmith bench --model-shape internlm-7b --method qlora --steps 8 --profile
   tunesmith bench --end-to-end --model-shape internlm-7b --rows 'plain lora; train lora; train lora @plain'
+  tunesmith bench --end-to-end --model-shape internlm-7b --rows 'trl dpo lora; train lora dpo; train lora dpo @trl'
 """
 
 
@@ -35,12 +38,15 @@ def bench(
     qlora_budget_gib: float = typer.Option(8.0, "--qlora-budget-gib", help="QLoRA: memory the plan fits into."),
     end_to_end: bool = typer.Option(False, "--end-to-end", help="Run `tunesmith train` itself (see above)."),
     rows: str = typer.Option(None, "--rows", help="--end-to-end: ';'-separated rows, e.g. 'plain lora; train lora "
-                                                  "@plain; train qlora @8 training.optimizer=adamw_8bit'."),
+                                                  "@plain; train qlora @8 training.optimizer=adamw_8bit' or 'trl dpo "
+                                                  "lora; train lora dpo @trl'."),
     data: str = typer.Option(None, "--data", help="--end-to-end: oasst1 data file (default: the bundled sample)."),
     tokenizer: str = typer.Option("builtin:smollm2-135m-instruct", "--tokenizer",
                                   help="--end-to-end: tokenizer of the model folder."),
     work: str = typer.Option("bench_e2e", "--work", help="--end-to-end: folder for the model and the runs."),
     accumulate: int = typer.Option(4, "--accumulate", help="--end-to-end: micro-batches per step."),
+    pair_length: int = typer.Option(1024, "--pair-length",
+                                    help="--end-to-end, dpo / orpo rows: tokens per sequence (chosen or rejected)."),
     time_budget: float = typer.Option(480.0, "--time-budget", help="Seconds; later variants are skipped past it."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
@@ -57,7 +63,7 @@ def bench(
 
         options = E2EOptions(model_shape=model_shape, rows=rows or DEFAULT_ROWS, steps=steps, warmup=warmup,
                              accumulate=accumulate, seq_len=seq_len, tokenizer=tokenizer, work=work,
-                             time_budget_s=time_budget, json_out=json_out)
+                             time_budget_s=time_budget, json_out=json_out, pair_length=pair_length)
         if data:
             options.data = data
         run_end_to_end(options)

@@ -1,7 +1,10 @@
-"""End-to-end speed of the product: `tunesmith train` run exactly as a user runs it, beside a plain loop on the
-same model folder and the same data, in one call (``tunesmith bench --end-to-end``).
+"""End-to-end speed of the product: `tunesmith train` run exactly as a user runs it, beside a plain loop (or, for
+preference tuning, TRL) on the same model folder and the same data, in one call (``tunesmith bench --end-to-end``).
 
-1. A model folder of a named shape is written with random weights (Llama layout, safetensors) and a tokenizer.
+1. A model folder of a named shape is written with random weights (Llama layout, safetensors) and a tokenizer;
+   when a row is a dpo / orpo one, also the pairs file (:mod:`tunesmith.bench.pairs`: ``{"prompt", "chosen",
+   "rejected"}`` cut from the ``--data`` text with the folder's tokenizer, each sequence at most ``pair_length`` -
+   16 tokens once the internlm_chat template is applied, so neither side truncates).
 2. Each row runs in its own process, one after another:
 
    * ``plain METHOD [zero2]``: the plain transformers + peft (+ bitsandbytes, + DeepSpeed ZeRO-2) loop of
@@ -9,13 +12,22 @@ same model folder and the same data, in one call (``tunesmith bench --end-to-end
    * ``train METHOD [zero2] [@plain | @GIB] [key=value ...]``: ``tunesmith train internlm_chat_7b_METHOD_oasst1_e3
      --set model.path=... data.path=... training.max_steps=N ...`` (and ``--deepspeed deepspeed_zero2``);
      ``@plain`` sets ``speed.memory_fraction`` to the peak of the plain row of the same method, ``@GIB`` to that
-     many GiB of the card.
+     many GiB of the card;
+   * ``trl dpo|orpo METHOD``: TRL's DPOTrainer / ORPOTrainer on the pairs (:mod:`tunesmith.bench.trl_pref`; TRL
+     must be importable in that process);
+   * ``train METHOD dpo|orpo [zero2] [@trl | @GIB] [key=value ...]``: the same command on the pairs, with
+     ``training.objective=dpo|orpo data.format=preference data.path=PAIRS data.max_length=PAIR_LENGTH
+     data.pack_to_max_length=true`` (a packed row holds 2 x PAIR_LENGTH tokens: one pair); ``@trl`` sets
+     ``speed.memory_fraction`` to the peak of the trl row of the same objective and method.
 
-   The train rows' numbers are read from the run's own ``metrics.jsonl`` (``tokens_per_s``, ``memory_gb``) and
-   its log (the fast-path and activation-plan lines); the process is stopped once the last step is logged (the
-   final checkpoint is not the subject).
-3. The table: the median tokens/s of the steps after ``warmup``, the peak GiB, the ratio to the plain row of the
-   same method (and DeepSpeed or not).
+   The train rows' numbers are read from the run's own ``metrics.jsonl`` (``tokens_per_s``, ``memory_gb``; dpo /
+   orpo rows also ``reward_accuracy``, ``reward_margin``) and its log (the fast-path and activation-plan lines); the
+   process is stopped once the last step is logged (the final checkpoint is not the subject). ``tokens_per_s``
+   counts the positions of the micro-batch rows; a packed row of one batch is not padded, so at the recipes'
+   ``training.batch_size`` 1 a dpo / orpo row counts real tokens (prompt twice, answers), as the trl row does.
+3. The table: the median tokens/s of the steps after ``warmup``, the peak GiB, the ratio to the baseline row of
+   the same family: the plain row of the same method (and DeepSpeed or not), or for a dpo / orpo train row the
+   trl row of the same objective and method.
 """
 
 from __future__ import annotations
@@ -40,20 +52,33 @@ DEFAULT_ROWS = ("plain lora; train lora; train lora @plain; "
                 "plain full; train full @plain model.dtype=bf16; "
                 "plain qlora zero2; train qlora zero2")
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "oasst1_guanaco_eval.jsonl"
+METHODS = ("lora", "qlora", "full")
+OBJECTIVES = ("dpo", "orpo")  # preference rows: `trl OBJECTIVE METHOD`, `train METHOD OBJECTIVE ...`
+PREFERENCE_ROWS = "trl dpo lora; train lora dpo; train lora dpo @trl"  # the issue's comparison (bench/gpu_suite.sh)
+ROW_FORMS = ("'plain METHOD [zero2]', 'train METHOD [dpo|orpo] [zero2] [@plain|@trl|@GIB] [key=value ...]' or "
+             "'trl dpo|orpo METHOD' (METHOD: lora, qlora, full)")
 
 
 @dataclass
 class Row:
     text: str
-    kind: str  # plain | train
+    kind: str  # plain | train | trl
     method: str
     deepspeed: bool = False
-    budget: str | None = None  # None | "plain" | GiB as text
+    budget: str | None = None  # None | "plain" | "trl" | GiB as text
     overrides: list[str] = field(default_factory=list)
+    objective: str | None = None  # dpo | orpo (trl rows, and train rows that name it); None: SFT
 
     @property
     def family(self) -> str:
-        return self.method + (" zero2" if self.deepspeed else "")
+        """What a row is compared with: rows of one family share the baseline row (plain or trl) of that family."""
+        base = self.method + (" zero2" if self.deepspeed else "")
+        return f"{self.objective} {base}" if self.objective else base
+
+    @property
+    def baseline(self) -> str:
+        """The kind of row the family's baseline is: ``plain`` (SFT) or ``trl`` (dpo / orpo)."""
+        return "trl" if self.objective else "plain"
 
 
 @dataclass
@@ -82,6 +107,7 @@ class E2EOptions:
     time_budget_s: float = 540.0
     json_out: str | None = None
     row_timeout_s: float = 400.0
+    pair_length: int = 1024  # dpo / orpo rows: tokens per sequence (chosen or rejected); a packed row holds two
 
 
 def parse_rows(text: str) -> list[Row]:
@@ -90,20 +116,33 @@ def parse_rows(text: str) -> list[Row]:
         if not part:
             continue
         words = part.split()
-        if len(words) < 2 or words[0] not in ("plain", "train") or words[1] not in ("lora", "qlora", "full"):
-            raise TunesmithError(f"bench row {part!r}: expected 'plain|train lora|qlora|full [zero2] [@plain|@GIB] "
-                                 "[key=value ...]'", "e.g. --rows 'plain lora; train lora @plain'")
+        if words[0] == "trl":
+            if len(words) != 3 or words[1] not in OBJECTIVES or words[2] not in METHODS:
+                raise TunesmithError(f"bench row {part!r}: expected 'trl dpo|orpo lora|qlora|full'",
+                                     f"e.g. --rows '{PREFERENCE_ROWS}'")
+            rows.append(Row(part, "trl", words[2], objective=words[1]))
+            continue
+        if len(words) < 2 or words[0] not in ("plain", "train") or words[1] not in METHODS:
+            raise TunesmithError(f"bench row {part!r}: expected {ROW_FORMS}",
+                                 "e.g. --rows 'plain lora; train lora @plain'")
         row = Row(part, words[0], words[1])
         for word in words[2:]:
             if word == "zero2":
                 row.deepspeed = True
+            elif word in OBJECTIVES and row.kind == "train" and row.objective is None:
+                row.objective = word
             elif word.startswith("@") and row.kind == "train":
                 row.budget = word[1:]
             elif "=" in word and row.kind == "train":
                 row.overrides.append(word)
             else:
                 raise TunesmithError(f"bench row {part!r}: cannot read {word!r}",
-                                     "zero2, @plain or @GIB (train rows) and key=value overrides (train rows)")
+                                     "zero2, dpo or orpo (train rows), @plain, @trl or @GIB (train rows) and "
+                                     "key=value overrides (train rows)")
+        if row.budget in ("plain", "trl") and row.budget != row.baseline:
+            raise TunesmithError(f"bench row {part!r}: @{row.budget} needs a {row.budget} row of the same family, "
+                                 f"and this row's baseline is the {row.baseline} row",
+                                 "@plain goes with SFT train rows, @trl with dpo / orpo train rows")
         rows.append(row)
     return rows
 
@@ -148,13 +187,35 @@ class EndToEnd:
         self.o = o
         self.work = Path(o.work).resolve()
         self.results: list[RowResult] = []
-        self.plain_peaks: dict[str, float] = {}
-        self.plain_rates: dict[str, float] = {}
+        # the baseline rows' (plain, trl) numbers by family: the ratio and @plain / @trl of later rows
+        self.base_peaks: dict[str, float] = {}
+        self.base_rates: dict[str, float] = {}
+        self.pairs: Path | None = None
         self.start = time.perf_counter()
         self.card_gib = 0.0
 
     def data_overrides(self) -> list[str]:
         return ["data.format=oasst1", "data.prompt_template=internlm_chat", f"data.max_length={self.o.seq_len}"]
+
+    def pair_overrides(self, objective: str) -> list[str]:
+        """The data and objective of a dpo / orpo train row: the pairs file, ``pair_length`` per sequence, packed
+        (two sequences, one pair, to a row), rendered with the template the pairs were sized with."""
+        from tunesmith.bench.pairs import TEMPLATE
+
+        return [f"training.objective={objective}", "data.format=preference", f"data.path={self.pairs}",
+                f"data.max_length={self.o.pair_length}", "data.pack_to_max_length=true",
+                f"data.prompt_template={TEMPLATE}"]
+
+    def write_pairs(self) -> Path:
+        from tunesmith import models
+        from tunesmith.bench.pairs import write_pairs
+
+        path = self.work / f"pairs-{self.o.pair_length}.jsonl"
+        count = max(64, self.o.steps * self.o.accumulate)
+        info = write_pairs(path, models.load_tokenizer(self.folder), source=self.o.data, pairs=count,
+                           max_length=self.o.pair_length, prompt_tokens=self.o.pair_length // 4)
+        print(f"[e2e] pairs {path}: {info.summary()}", flush=True)
+        return path
 
     def run(self) -> list[RowResult]:
         import torch
@@ -167,6 +228,8 @@ class EndToEnd:
         self.folder = write_model_folder(self.o.model_shape, self.work / f"model-{self.o.model_shape}",
                                          self.o.tokenizer, self.o.seq_len)
         print(f"[e2e] model folder {self.folder} ready in {time.perf_counter() - t0:.0f}s", flush=True)
+        if any(row.objective for row in rows):
+            self.pairs = self.write_pairs()
         try:
             for row in rows:
                 left = self.o.time_budget_s - (time.perf_counter() - self.start)
@@ -187,13 +250,15 @@ class EndToEnd:
         try:
             if row.kind == "plain":
                 self.run_plain(row, res, timeout)
+            elif row.kind == "trl":
+                self.run_trl(row, res, timeout)
             else:
                 self.run_train(row, res, timeout)
             timed = res.steps[self.o.warmup:] or res.steps
             res.tokens_per_s = statistics.median(timed) if timed else 0.0
-            if row.kind == "plain" and res.tokens_per_s:
-                self.plain_peaks[row.family], self.plain_rates[row.family] = res.peak_gib, res.tokens_per_s
-            base = self.plain_rates.get(row.family)
+            if row.kind == row.baseline and res.tokens_per_s:
+                self.base_peaks[row.family], self.base_rates[row.family] = res.peak_gib, res.tokens_per_s
+            base = self.base_rates.get(row.family)
             res.ratio = res.tokens_per_s / base if base and res.tokens_per_s else 0.0
         except Exception as exc:  # noqa: BLE001 - one row failing must not lose the table
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -213,14 +278,40 @@ class EndToEnd:
         data = json.loads(out.read_text())
         res.steps, res.peak_gib = data["tokens_per_s"], data["peak_gib"]
 
+    def trl_command(self, row: Row, out: Path) -> list[str]:
+        from tunesmith.bench.pairs import TEMPLATE
+
+        return [sys.executable, "-m", "tunesmith.bench.trl_pref", "--model", str(self.folder), "--data",
+                str(self.pairs), "--objective", str(row.objective), "--method", row.method, "--steps",
+                str(self.o.steps), "--warmup", str(self.o.warmup), "--accumulate", str(self.o.accumulate),
+                "--max-length", str(self.o.pair_length), "--template", TEMPLATE, "--work",
+                str(out.with_suffix("")) + "-trainer", "--row", row.text, "--json", str(out)]
+
+    def run_trl(self, row: Row, res: RowResult, timeout: float) -> None:
+        out = self.work / f"trl-{row.objective}-{row.method}.json"
+        log = out.with_suffix(".log")
+        out.unlink(missing_ok=True)
+        cmd = self.trl_command(row, out)
+        with open(log, "w") as fh:
+            fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            fh.flush()
+            code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+        data = json.loads(out.read_text()) if out.exists() else {}
+        if code != 0 or data.get("error") or not data.get("steps"):
+            raise RuntimeError(data.get("error") or f"TRL runner exited {code}: {_tail(log)}")
+        res.steps, res.peak_gib, res.note = data["steps"], data["peak_gib"], data.get("note", "")
+
     def train_command(self, row: Row, work_dir: Path) -> list[str]:
-        sets = [f"model.path={self.folder}", f"data.path={self.o.data}", *self.data_overrides(),
-                f"training.max_steps={self.o.steps}", f"training.accumulative_counts={self.o.accumulate}",
+        if row.objective:
+            data = [f"model.path={self.folder}", *self.pair_overrides(row.objective)]
+        else:
+            data = [f"model.path={self.folder}", f"data.path={self.o.data}", *self.data_overrides()]
+        sets = [*data, f"training.max_steps={self.o.steps}", f"training.accumulative_counts={self.o.accumulate}",
                 "evaluation.inputs=[]"]
         if row.budget is not None:
-            gib = self.plain_peaks.get(row.family) if row.budget == "plain" else float(row.budget)
+            gib = self.base_peaks.get(row.family) if row.budget in ("plain", "trl") else float(row.budget)
             if gib is None:
-                raise RuntimeError(f"@plain needs the 'plain {row.family}' row before it")
+                raise RuntimeError(f"@{row.budget} needs the '{row.budget} {row.family}' row before it")
             sets.append(f"speed.memory_fraction={min(1.0, gib / self.card_gib):.5f}")
         sets += row.overrides
         cmd = [*tunesmith_command(), "train", f"internlm_chat_7b_{row.method}_oasst1_e3", "--work-dir", str(work_dir),
@@ -256,7 +347,7 @@ class EndToEnd:
             raise RuntimeError(f"tunesmith train logged no step (exit {proc.returncode}): {_tail(log)}")
         res.steps = [float(r["tokens_per_s"]) for r in records]
         res.peak_gib = max(float(r.get("memory_gb") or 0.0) for r in records)
-        res.note = _plan_note(log.read_text(errors="replace"))
+        res.note = _plan_note(log.read_text(errors="replace")) + _reward_note(records)
         if len(records) < self.o.steps:
             res.note += f" (only {len(records)} steps logged)"
 
@@ -287,11 +378,34 @@ def _plan_note(log: str) -> str:
     return ", ".join(notes)
 
 
+def _reward_note(records: list[dict]) -> str:
+    """A dpo / orpo run's last reward accuracy and margin (its metrics.jsonl), for the table."""
+    last = next((r for r in reversed(records) if "reward_accuracy" in r or "reward_margin" in r), None)
+    if last is None:
+        return ""
+    parts = [f"{name} {float(last[key]):.2f}" for key, name in (("reward_accuracy", "acc"), ("reward_margin", "margin"))
+             if last.get(key) is not None]
+    return ", " + ", ".join(parts) if parts else ""
+
+
+def _has_preference_rows(rows: str) -> bool:
+    try:
+        return any(row.objective for row in parse_rows(rows))
+    except TunesmithError:
+        return False
+
+
 def format_e2e(results: list[RowResult], o: E2EOptions, card_gib: float) -> str:
-    head = (f"\n== tunesmith bench --end-to-end: {o.model_shape}, seq {o.seq_len}, {o.accumulate} micro-batches a "
-            f"step, median of steps {o.warmup + 1}-{o.steps}; card {card_gib:.0f} GiB ==")
-    cols = f"{'row':<52} {'tok/s':>8} {'peak GiB':>9} {'x plain':>8}  note"
-    lines = [head, cols, "-" * len(cols)]
+    preference = _has_preference_rows(o.rows)
+    pairs = f", pairs 2 x {o.pair_length}" if preference else ""
+    head = (f"\n== tunesmith bench --end-to-end: {o.model_shape}, seq {o.seq_len}{pairs}, {o.accumulate} "
+            f"micro-batches a step, median of steps {o.warmup + 1}-{o.steps}; card {card_gib:.0f} GiB ==")
+    cols = f"{'row':<52} {'tok/s':>8} {'peak GiB':>9} {'x base' if preference else 'x plain':>8}  note"
+    lines = [head]
+    if preference:
+        lines.append("x base: vs the plain row of the same method; dpo / orpo train rows: vs the trl row of the same "
+                     "objective and method (both count real tokens at batch 1: prompt twice, answers)")
+    lines += [cols, "-" * len(cols)]
     for r in results:
         if r.error or not r.tokens_per_s:
             lines.append(f"{r.row:<52} {'-':>8} {'-':>9} {'-':>8}  {r.error or r.note}")
@@ -307,7 +421,10 @@ def run_end_to_end(options: E2EOptions) -> list[RowResult]:
 
     if options.model_shape not in SHAPES:
         raise unknown_name_error("model shape", options.model_shape, SHAPES)
-    parse_rows(options.rows)  # a typo fails before the model folder is written
+    rows = parse_rows(options.rows)  # a typo fails before the model folder is written
+    if any(row.objective for row in rows) and options.pair_length < 64:
+        raise TunesmithError(f"--pair-length {options.pair_length}: too short for a prompt and an answer",
+                             "e.g. --pair-length 1024 (the issue's pairs are 2 x 1,024 tokens)")
     if not Path(options.data).is_file():
         raise TunesmithError(f"bench data {options.data} does not exist", "pass --data FILE (oasst1 text lines)")
     return EndToEnd(options).run()
