@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 
 from tunesmith.data.conversation import RecordError, Turn
+from tunesmith.data.fields import as_bool
 
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "human": "user",
                 "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "function_call": "assistant",
@@ -23,6 +24,21 @@ ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "huma
 def normalize_role(role: object) -> str | None:
     """The role a message plays (system, user, assistant, tool), or None for one this rule does not know."""
     return ROLE_ALIASES.get(str(role).lower())
+
+
+def read_messages(msgs: Sequence, *, name: str = "") -> list[tuple[str, str, bool]]:
+    """A record's message objects as ``(role, content, loss)`` (``loss`` from a message's optional "loss" key);
+    ``name`` (e.g. "'chosen' ") starts the error messages, which number the messages from 1."""
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m:
+            raise RecordError(f"{name}message {i + 1} must be an object with 'role' and 'content'")
+        role = normalize_role(m["role"])
+        if role is None:
+            raise RecordError(f"{name}message {i + 1}: unknown role {m['role']!r} (use system, user, assistant "
+                              "or tool)")
+        out.append((role, message_content(m, i), as_bool(m.get("loss", True), "loss")))
+    return out
 
 
 def message_content(msg: dict, i: int) -> str:

@@ -39,7 +39,7 @@ from tunesmith.data.encode import (
     check_turns_can_end,
 )
 from tunesmith.data.fields import need, nonempty_list, text_field
-from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
+from tunesmith.data.messages import messages_to_turns, normalize_role, read_messages
 from tunesmith.data.render import render_conversation, tokenizer_info
 from tunesmith.data.templates import Template, get_template
 
@@ -48,15 +48,7 @@ PAIRS = "pairs"  # DatasetFormat.kind of the pair formats
 
 # ----------------------------------------------------------------------------------------- reading
 def _messages(value: list, key: str) -> list[tuple[str, str, bool]]:
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m:
-            raise RecordError(f"{key!r} message {i + 1} must be an object with 'role' and 'content'")
-        role = normalize_role(m["role"])
-        if role is None:
-            raise RecordError(f"{key!r} message {i + 1}: unknown role {m['role']!r}")
-        out.append((role, message_content(m, i), True))
-    return out
+    return [(role, content, True) for role, content, _ in read_messages(value, name=f"{key!r} ")]
 
 
 def _answer(rec: dict, key: str) -> str | list[tuple[str, str, bool]]:

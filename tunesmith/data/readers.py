@@ -24,7 +24,7 @@ from typing import Any
 
 from tunesmith.data.conversation import RecordError, SkipRecord, Turn
 from tunesmith.data.fields import as_bool, need, nonempty_list, text_field
-from tunesmith.data.messages import message_content, messages_to_turns, normalize_role
+from tunesmith.data.messages import messages_to_turns, normalize_role, read_messages
 from tunesmith.data.msagent import msagent_react_map_fn
 from tunesmith.data.pairs import PAIRS, preference_map_fn
 from tunesmith.data.sources import RawRecord, UnreadableLine, iter_raw  # noqa: F401  (RawRecord: re-exported)
@@ -164,15 +164,7 @@ def openai_map_fn(rec: Any) -> list[Turn]:
     if isinstance(rec, dict):
         need(rec, "messages")
     msgs = nonempty_list(rec["messages"] if isinstance(rec, dict) else rec, "messages", "{role, content}")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m:
-            raise RecordError(f"message {i + 1} must be an object with 'role' and 'content'")
-        role = normalize_role(m["role"])
-        if role is None:
-            raise RecordError(f"message {i + 1}: unknown role {m['role']!r} (use system, user, assistant or tool)")
-        out.append((role, message_content(m, i), as_bool(m.get("loss", True), "loss")))
-    return messages_to_turns(out)
+    return messages_to_turns(read_messages(msgs))
 
 
 def sharegpt_map_fn(rec: Any) -> list[Turn]:
