@@ -1,8 +1,10 @@
 """The training loop, written out: setup, restore, then for each step: step, log, evaluate, save.
 
 1. Setup (setup.py): precision and seeds, the model prepared for the device it trains on with its fast paths
-   (printed in one line), the tokenized and packed data, the optimizer and schedule; compiled layers get an
-   activation plan that fits the card (memory.py); then the backend (one process, DDP or DeepSpeed; step.py).
+   (printed in one line), the tokenized and packed data, the module of training.objective (SFT's loss, or DPO /
+   ORPO's, preference.py, with DPO's precomputed reference when it is one, reference.py), the optimizer and
+   schedule; compiled layers get an activation plan that fits the card (memory.py); then the backend (one
+   process, DDP or DeepSpeed; step.py).
 2. Restore (state.py): weights, optimizer, schedule, grad scaler, RNG and data position of a `--resume`.
 3. The loop: one :class:`~tunesmith.train.step.TrainStep` per accumulation window, then the schedule, the
    validation loss (validate.py; before the first step, every ``evaluation.validation_interval()`` steps and at
