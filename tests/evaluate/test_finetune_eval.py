@@ -34,7 +34,7 @@ def test_finetune_then_eval_beats_base_on_held_out_split(smollm2_path, tmp_path)
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "data": {"path": str(train_file), "format": "oasst1", "prompt_template": "auto", "max_length": 384,
                  "pack_to_max_length": True, "cache_dir": str(tmp_path / "cache")},
-        "training": {"max_steps": 16, "batch_size": 1, "accumulative_counts": 1, "lr": 1e-3, "warmup_ratio": 0.05,
+        "training": {"max_steps": 8, "batch_size": 1, "accumulative_counts": 1, "lr": 1e-3, "warmup_ratio": 0.05,
                      "gradient_checkpointing": False, "log_interval": 4, "save_epochs": False},
         "evaluation": {"inputs": []},
         "logging": {"tensorboard": False, "plot": False},
@@ -46,7 +46,7 @@ def test_finetune_then_eval_beats_base_on_held_out_split(smollm2_path, tmp_path)
     out = tmp_path / "report"
     res = CliRunner().invoke(build_app(), [
         "eval", str(smollm2_path), "--adapter", str(adapter), "--compare", str(smollm2_path),
-        "--data", str(test_file), "--prompt-template", "auto", "--max-samples", "24", "--max-length", "384",
+        "--data", str(test_file), "--prompt-template", "auto", "--max-samples", "16", "--max-length", "384",
         "--max-new-tokens", "0", "--out", str(out), "--no-progress", "--torch-dtype", "fp32"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())

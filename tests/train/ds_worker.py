@@ -1,6 +1,6 @@
 """Run by test_deepspeed.py in a fresh process per training (DeepSpeed keeps process-wide state):
 `full` trains 4 steps with a ZeRO stage (checkpoints at 2 and 4); `resume` continues a copy from step 2;
-`eager` / `compiled` train 4 steps without dropout, with eager or compiled decoder layers."""
+`eager` / `compiled` train 4 steps without dropout, with eager or compiled decoder layers (from a JSON file)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.train.conftest import tiny_config
 from tunesmith.train import train
+from tunesmith.train.distributed import deepspeed_config_path
 
 mode, stage, model_dir, data_file, out = (
     sys.argv[1],
@@ -19,6 +20,14 @@ mode, stage, model_dir, data_file, out = (
     Path(sys.argv[4]),
     Path(sys.argv[5]),
 )
+if stage == "deepspeed_zero2":
+    # the named file with small buckets (also covers --deepspeed FILE.json): DeepSpeed's default 5e8-element ZeRO-2
+    # buckets take ~25 s to allocate on a CPU, for a model of a few thousand trainable parameters
+    ds = json.loads(deepspeed_config_path(stage).read_text())
+    ds["zero_optimization"].update(reduce_bucket_size=1_000_000, allgather_bucket_size=1_000_000)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deepspeed_zero2_small_buckets.json").write_text(json.dumps(ds))
+    stage = str(out / "deepspeed_zero2_small_buckets.json")
 cfg = tiny_config(
     model_dir,
     data_file,

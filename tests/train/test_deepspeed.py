@@ -37,7 +37,8 @@ def test_deepspeed_single_process_cpu(stage, train_model_dir, train_data_file, t
     losses = _run("full", stage, train_model_dir, train_data_file, tmp_path)
     assert len(losses) == 4 and losses[-1] < losses[0]
     meta = json.loads((tmp_path / "full" / "iter_4.pth" / "meta.json").read_text())
-    assert meta["zero_stage"] == int(stage[-1]) and meta["deepspeed"] == stage
+    assert meta["zero_stage"] == int(stage[-1])
+    assert meta["deepspeed"] == stage or meta["deepspeed"].endswith("deepspeed_zero2_small_buckets.json")
     resumed = _run("resume", stage, train_model_dir, train_data_file, tmp_path)
     assert resumed == pytest.approx(losses[2:], abs=1e-6)
     a = load_file(str(tmp_path / "full" / "iter_4.pth" / "adapter_model.safetensors"))

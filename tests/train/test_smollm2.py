@@ -51,7 +51,7 @@ def test_smollm2_dpo_raises_held_out_preference_accuracy(smollm2_path, tmp_path)
     from tunesmith.train import train
 
     cfg, _ = load_config("smollm2_135m_instruct_lora_preference_dpo_e1", [
-        f"data.path={PAIRS}", "data.max_dataset_length=80", "data.validation=0.25", "data.max_length=64",
+        f"data.path={PAIRS}", "data.max_dataset_length=64", "data.validation=0.25", "data.max_length=64",
         f"data.cache_dir={tmp_path}/c", "training.max_steps=3", "training.batch_size=8",
         "training.accumulative_counts=1", "training.lr=1e-3", "training.warmup_ratio=0",
         "training.gradient_checkpointing=false", "evaluation.inputs=[]", "logging.plot=false",
