@@ -44,7 +44,7 @@ import numpy as np
 
 from tunesmith.data.conversation import with_default_system
 from tunesmith.data.encode import ENCODE_VERSION, Encoded, EncodeStats, encode_records
-from tunesmith.data.pack import PAIR_ROW_FACTOR, PackedDataset, SampleDataset, pack_bins, pair_dataset
+from tunesmith.data.pack import PAIR_ROW_FACTOR, PackedDataset, SampleDataset, pack_bins, pad_id_of, pair_dataset
 from tunesmith.data.pairs import PAIRS, encode_pairs
 from tunesmith.data.readers import MALFORMED, get_format, read_records
 from tunesmith.data.sources import data_files
@@ -335,5 +335,5 @@ def _as_dataset(samples: list[Encoded], stats: DataStats, cfg: Any, tokenizer: A
         dataset = SampleDataset(samples)
         stats.packed_sequences = 0
         stats.pad_fraction = 0.0
-    dataset.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dataset.pad_token_id = pad_id_of(tokenizer)
     return dataset, stats

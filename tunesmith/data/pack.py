@@ -44,6 +44,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS, else 0 (labels and masks never depend on it)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
+
+
 def pack_bins(lengths: Sequence[int], max_length: int, *, seed: int | None = None) -> list[list[int]]:
     """Best-fit decreasing: each sample (longest first) goes into the fullest bin it still fits in."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

@@ -34,44 +34,10 @@ import numpy as np
 from tunesmith.data.conversation import Turn
 from tunesmith.data.encode import Encoded
 from tunesmith.errors import TunesmithError
+from tunesmith.models.fast.logps import score_pairs  # noqa: F401  (the package exports it)
 
 REWARD_BETA = 1.0  # the reward is reported un-scaled; training logs show it times preference.beta
 EXAMPLES_IN_REPORT = 5
-
-
-def score_pairs(model: Any, samples: Sequence[Encoded], *, batch_size: int = 8, pad_id: int = 0,
-                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Summed log-probability of the scored tokens of each sequence of `samples` (consecutive chosen / rejected, as
-    `encode_pairs` gives them), and their token counts: float64 and int64 arrays ``[len(samples)]``, in order.
-    `batch_size` pairs per forward, longest first; `progress(n)` after each batch with its number of pairs."""
-    import torch
-
-    from tunesmith.data.pack import collate, pair_dataset
-    from tunesmith.models.fast.logps import sequence_logps
-
-    rows = pair_dataset(samples, max(len(s.input_ids) for s in samples), pack=False, seed=None)  # row k: pair k
-    order = sorted(range(len(rows)), key=lambda k: (-rows.lengths[k], k))
-    logps = np.zeros(len(samples), dtype=np.float64)
-    tokens = np.zeros(len(samples), dtype=np.int64)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                batch = collate([rows[k] for k in chunk], pad_id, True, pairs=True)
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                seq_logps, seq_tokens = sequence_logps(model, batch, chunked=True)
-                where = np.array([i for k in chunk for i in (2 * k, 2 * k + 1)])  # batch sequence j -> sample
-                logps[where] = seq_logps.double().cpu().numpy()
-                tokens[where] = seq_tokens.cpu().numpy()
-                if progress is not None:
-                    progress(len(chunk))
-    finally:
-        if was_training:
-            model.train()
-    return logps, tokens
 
 
 def pair_metrics(logps: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
@@ -120,6 +86,7 @@ class PairScorer:
 
     def __call__(self, engine: Any, pairs: Sequence[Sequence[Turn]], opts: Any, name: str, progress: Any
                  ) -> tuple[dict, list[str]]:
+        from tunesmith.data.pack import pad_id_of
         from tunesmith.data.pairs import encode_pairs
 
         t0 = time.perf_counter()
@@ -129,12 +96,12 @@ class PairScorer:
         if not samples:
             raise TunesmithError("no pair has answer tokens left after encoding",
                                  f"raise --max-length (now {opts.max_length}; it counts each answer with its prompt)")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_id_of(tok)
 
         def score(encoded: list[Encoded], what: str) -> tuple[np.ndarray, np.ndarray]:
             step = progress.task(f"{what} {name}", len(encoded) // 2)
             with engine.lock:
-                return score_pairs(engine.model, encoded, batch_size=opts.batch_size, pad_id=int(pad), progress=step)
+                return score_pairs(engine.model, encoded, batch_size=opts.batch_size, pad_id=pad, progress=step)
 
         logps, tokens = score(samples, "pairs   ")
         result = {**pair_metrics(logps, tokens), "truncated": dict(stats.truncated), "dropped": dict(stats.dropped)}

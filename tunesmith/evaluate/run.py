@@ -156,6 +156,7 @@ def evaluate_model(engine, convs: Sequence[Sequence[Turn]], opts: EvalOptions, n
                    ) -> tuple[dict, list[str]]:
     """Metrics of one loaded model on the conversations (and its generated answers)."""
     from tunesmith.data.encode import encode_prompt, encode_records
+    from tunesmith.data.pack import pad_id_of
     from tunesmith.evaluate.metrics import bleu, rouge_l, token_losses
     from tunesmith.infer.sampling import SamplingConfig
 
@@ -166,10 +167,10 @@ def evaluate_model(engine, convs: Sequence[Sequence[Turn]], opts: EvalOptions, n
     if not samples:
         raise TunesmithError("no conversation has answer tokens left after encoding",
                              f"raise --max-length (now {opts.max_length})")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id_of(tok)
     step = progress.task(f"loss     {name}", len(samples))
     with engine.lock:
-        loss = token_losses(engine.model, samples, pad_id=int(pad), max_batch_tokens=max(512, opts.batch_size *
+        loss = token_losses(engine.model, samples, pad_id=pad, max_batch_tokens=max(512, opts.batch_size *
                                                                                          opts.max_length // 4),
                             progress=step)
     result = {**loss.as_dict(), "per_sample_loss": [None if math.isnan(x) else x for x in loss.per_sample],

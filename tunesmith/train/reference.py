@@ -31,32 +31,17 @@ def reference_file(work_dir: Path, part: str) -> Path:
 def compute_reference(module: Any, dataset: Any, *, batch_size: int, precision: str, device: torch.device,
                       host_inputs: tuple[str, ...] = ()) -> np.ndarray:
     """Every sequence's summed log-probability under the model as it is now (adapter off when it has one)."""
-    from torch.utils.data import DataLoader
-
-    from tunesmith.data.pack import PairDataset, collate
+    from tunesmith.models.fast.logps import score_pairs
     from tunesmith.train.preference import adapter_off
-    from tunesmith.train.step import autocast_for, to_device
+    from tunesmith.train.step import autocast_for
 
-    rows = PairDataset(dataset.samples, [[2 * k, 2 * k + 1] for k in range(dataset.num_pairs)])
-    pad = int(getattr(dataset, "pad_token_id", None) or 0)
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda items: collate(items, pad, True, pairs=True))
-    out = np.zeros(len(dataset.samples), dtype=np.float32)
     model = module.model
-    was_training = model.training
-    model.eval()
     switch = adapter_off(model) if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    done = 0
-    try:
-        with torch.no_grad(), switch, autocast_for(precision, device):
-            for batch in loader:
-                logps, _ = module.sequence_logps(to_device(batch, device, host_inputs))
-                out[done:done + logps.shape[0]] = logps.float().cpu().numpy()
-                done += logps.shape[0]
-    finally:
-        if was_training:
-            model.train()
-    return out
+    with switch, autocast_for(precision, device):
+        logps, _ = score_pairs(model, dataset.samples, batch_size=batch_size,
+                               pad_id=int(getattr(dataset, "pad_token_id", None) or 0), device=device,
+                               host_inputs=host_inputs, **module.loss_options)
+    return logps.astype(np.float32)
 
 
 def attach_reference(module: Any, datasets: dict[str, Any], *, work_dir: Path, resumed: bool, is_main: bool,

@@ -9,11 +9,15 @@ per-token weights have arrived. One extra head matmul per chunk instead of ``[to
 
 ``sequence_logps(model, batch)`` -> ``(logps [S], tokens [S])`` for the ``S`` sequences of a pair batch
 (``batch["sequence_ids"]``, data/pack.py); ``chunked=False`` is the plain path (full logits, ``log_softmax``),
-which tests/models/fast/test_logps.py compares it with.
+which tests/models/fast/test_logps.py compares it with. ``score_pairs(model, samples)`` scores encoded pairs one
+pair a row without gradients: DPO's precomputed reference (train/reference.py) and ``tunesmith eval`` on pairs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,4 +134,41 @@ def sequence_logps(model: nn.Module, batch: dict, *, chunked: bool = True, chunk
     if keep.numel() == 0:
         logps = logps + hidden_states.sum() * 0.0  # keeps the graph connected for backward
     tokens = torch.bincount(owners, minlength=sequences)
+    return logps, tokens
+
+
+def score_pairs(model: nn.Module, samples: Sequence, *, batch_size: int = 8, pad_id: int = 0,
+                device: torch.device | None = None, host_inputs: tuple[str, ...] = (),
+                progress: Callable[[int], None] | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability of the scored tokens of each of ``samples`` (encoded pairs: consecutive chosen /
+    rejected, as ``data.pairs.encode_pairs`` gives them) and their token counts: float64 and int64 arrays
+    ``[len(samples)]``, in order. ``batch_size`` pairs a forward, one pair a row, longest first; eval mode, no
+    gradients (the caller adds autocast or an adapter switch around it). ``device``: where the batches go (default:
+    the model's first parameter's), except ``host_inputs``; ``options`` go to :func:`sequence_logps`;
+    ``progress(n)`` after each batch with its number of pairs."""
+    from tunesmith.data.pack import collate, pair_dataset
+
+    rows = pair_dataset(samples, max(len(s.input_ids) for s in samples), pack=False, seed=None)  # row k: pair k
+    order = sorted(range(len(rows)), key=lambda k: (-rows.lengths[k], k))
+    logps = np.zeros(len(samples), dtype=np.float64)
+    tokens = np.zeros(len(samples), dtype=np.int64)
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                batch = collate([rows[k] for k in chunk], pad_id, True, pairs=True)
+                batch = {k: v.to(device) if torch.is_tensor(v) and k not in host_inputs else v
+                         for k, v in batch.items()}
+                seq_logps, seq_tokens = sequence_logps(model, batch, **{"chunked": True, **options})
+                where = np.array([i for k in chunk for i in (2 * k, 2 * k + 1)])  # batch sequence j -> sample
+                logps[where] = seq_logps.double().cpu().numpy()
+                tokens[where] = seq_tokens.cpu().numpy()
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        if was_training:
+            model.train()
     return logps, tokens
