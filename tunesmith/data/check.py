@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.data.conversation import with_default_system
-from tunesmith.data.encode import IGNORE_INDEX, encode_records
-from tunesmith.data.pairs import PAIRS, encode_pairs
+from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.data.pairs import PAIRS
 from tunesmith.data.readers import Problem, ReadStats, check_records, get_format
 from tunesmith.data.templates import data_template, resolve_system
 
@@ -111,13 +110,11 @@ def check_dataset(cfg: Any, tokenizer: Any = None) -> CheckReport:
     records, stats, problems = check_records(d.path, fmt, name=d.name, split=d.split)
     report = CheckReport(d.path, fmt.name, stats, problems, d.max_length, kind=fmt.kind)
     if tokenizer is not None and records:
-        # as training encodes them (tunesmith.data.dataset.tokenize_dataset)
-        convs = [with_default_system(r.turns, system) if fmt.kind != "text" else r.turns for r in records]
+        from tunesmith.data.dataset import encode_format  # imports torch: only when a tokenizer is given
+
+        _, est = encode_format(records, fmt, tokenizer, template, system=system, max_length=d.max_length)
         if fmt.kind == PAIRS:
-            _, est = encode_pairs(convs, tokenizer, template, max_length=d.max_length)
             report.pairs = est.samples // 2
-        else:
-            _, est = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind)
         report.lengths = est.lengths
         report.truncated = dict(est.truncated)
         report.dropped_after_encoding = dict(est.dropped)

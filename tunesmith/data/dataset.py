@@ -264,13 +264,9 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
         records = keep_random_subset(records, rstats, d.max_dataset_length, seed=cfg.training.seed)
         if isinstance(d.validation, float):
             records = hold_out(records, rstats, d.validation, seed=cfg.training.seed, part=part)
-    convs = [with_default_system(r.turns, system) if fmt.kind != "text" else r.turns for r in records]
-    report = (lambda n: progress(n, len(convs))) if progress is not None else None
-    if fmt.kind == PAIRS:
-        samples, estats = encode_pairs(convs, tokenizer, template, max_length=d.max_length, progress=report)
-    else:
-        samples, estats = encode_records(convs, tokenizer, template, max_length=d.max_length, kind=fmt.kind,
-                                         progress=report)
+    report = (lambda n: progress(n, len(records))) if progress is not None else None
+    samples, estats = encode_format(records, fmt, tokenizer, template, system=system, max_length=d.max_length,
+                                    progress=report)
     stats = _merge(rstats.as_dict(), estats, d.max_length)
     stats.pairs = estats.samples // 2 if fmt.kind == PAIRS else 0
     if folder is not None:
@@ -278,6 +274,16 @@ def tokenize_dataset(cfg: Any, tokenizer: Any, *, use_cache: bool = True,
         _save(folder, samples, stats.as_dict())
     stats.seconds = time.perf_counter() - start
     return samples, stats
+
+
+def encode_format(records: list, fmt: Any, tokenizer: Any, template: Any, *, system: str, max_length: int,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[Encoded], EncodeStats]:
+    """Read records of format ``fmt`` encoded as training encodes them (check-custom-dataset too): the system
+    prompt on every conversation without one (not plain text), pairs through ``encode_pairs``."""
+    convs = [with_default_system(r.turns, system) if fmt.kind != "text" else r.turns for r in records]
+    if fmt.kind == PAIRS:
+        return encode_pairs(convs, tokenizer, template, max_length=max_length, progress=progress)
+    return encode_records(convs, tokenizer, template, max_length=max_length, kind=fmt.kind, progress=progress)
 
 
 def _merge(read: dict[str, Any], enc: EncodeStats, max_length: int) -> DataStats:
