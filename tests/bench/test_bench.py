@@ -260,7 +260,7 @@ def test_tunesmith_variants_are_the_products_config_and_step(monkeypatch):
 
 
 def test_end_to_end_rows_parse_and_refuse_typos():
-    from tunesmith.bench.e2e import DEFAULT_ROWS, parse_rows
+    from tunesmith.bench.rows import DEFAULT_ROWS, parse_rows
 
     rows = parse_rows("plain lora; train qlora zero2 @8 training.optimizer=adamw_8bit;")
     assert [(r.kind, r.method, r.deepspeed, r.budget, r.overrides) for r in rows] == [

@@ -16,16 +16,9 @@ import torch
 
 from tests.timeouts import TIMEOUT
 from tunesmith.bench import e2e
-from tunesmith.bench.e2e import (
-    BUNDLED_DATA,
-    PREFERENCE_ROWS,
-    E2EOptions,
-    EndToEnd,
-    RowResult,
-    format_e2e,
-    parse_rows,
-)
+from tunesmith.bench.e2e import BUNDLED_DATA, E2EOptions, EndToEnd, format_e2e
 from tunesmith.bench.pairs import pair_texts, prompt_length, read_pairs, rendered_length, write_pairs
+from tunesmith.bench.rows import PREFERENCE_ROWS, RowResult, parse_rows
 from tunesmith.errors import TunesmithError
 
 HAS_TRL = importlib.util.find_spec("trl") is not None

@@ -21,7 +21,7 @@ Measured with a ``TrainerCallback``: the wall time from one optimizer step's end
 the first step is timed from the start of training), the real tokens of the step (the attention masks of the
 chosen and rejected sequences of its micro-batches: prompt twice, answers, no padding), and
 ``torch.cuda.max_memory_allocated`` over the whole process (as `tunesmith train`'s ``memory_gb``). The JSON holds
-the fields of the bench's rows (`tunesmith.bench.e2e.RowResult`: ``tokens_per_s`` is the median of the steps
+the fields of the bench's rows (`tunesmith.bench.rows.RowResult`: ``tokens_per_s`` is the median of the steps
 after ``--warmup``, ``steps`` every step's tokens/s, ``peak_gib``) and ``details``.
 
 TRL is imported only here, lazily; without it the script says so and exits 2.
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     # before transformers / huggingface_hub are imported: they read these once (TRL's trainers ping the Hub)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from tunesmith.bench.e2e import RowResult
+    from tunesmith.bench.rows import RowResult
 
     args = parse_args(argv)
     result = RowResult(args.row)
