@@ -210,3 +210,20 @@ def test_objective_and_format_must_agree(make_cfg, pairs_file, train_data_file):
         validate_data_names(make_cfg(training={"objective": "dpo"}))
     with pytest.raises(TunesmithError, match="holds preference pairs"):
         validate_data_names(make_cfg(data={"path": str(pairs_file), "format": "preference"}))
+
+
+def test_a_new_run_in_a_used_work_dir_scores_the_reference_anew(make_cfg, pairs_file, tmp_path):
+    """Only a resume reads reference_logps.npy back: a file left by another run (other data, another model) is
+    replaced, so the first step starts from policy = reference (loss log 2)."""
+    import numpy as np
+
+    from tunesmith.train import train
+
+    cfg = _pref_cfg(make_cfg, pairs_file, method="full", training={"max_steps": 1})
+    work = tmp_path / "w"
+    first = train(cfg, work_dir=work, progress=False)
+    stale = np.load(work / "reference_logps.npy")
+    np.save(work / "reference_logps.npy", stale - 5.0)  # what another run could have left there
+    again = train(cfg, work_dir=work, progress=False)
+    assert again.losses[0] == pytest.approx(math.log(2), abs=1e-5) == first.losses[0]
+    np.testing.assert_allclose(np.load(work / "reference_logps.npy"), stale, atol=1e-5)

@@ -39,7 +39,7 @@ def compute_reference(module: Any, dataset: Any, *, batch_size: int, precision: 
     switch = adapter_off(model) if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with switch, autocast_for(precision, device):
         logps, _ = score_pairs(model, dataset.samples, batch_size=batch_size,
-                               pad_id=int(getattr(dataset, "pad_token_id", None) or 0), device=device,
+                               pad_id=dataset.pad_token_id, device=device,
                                host_inputs=host_inputs, **module.loss_options)
     return logps.astype(np.float32)
 
@@ -47,15 +47,16 @@ def compute_reference(module: Any, dataset: Any, *, batch_size: int, precision: 
 def attach_reference(module: Any, datasets: dict[str, Any], *, work_dir: Path, resumed: bool, is_main: bool,
                      batch_size: int, precision: str, device: torch.device, host_inputs: tuple[str, ...],
                      printer: Callable[[str], None]) -> None:
-    """Give each dataset of ``datasets`` (part name -> PairDataset, or None) its reference log-probabilities: read
-    from the work dir when they are there (always on resume), else computed now and written there."""
+    """Give each dataset of ``datasets`` (part name -> PairDataset, or None) its reference log-probabilities: on
+    resume read from the work dir, else computed now and written there (a new run in a used work dir scores anew:
+    the file there may come from another model or other data)."""
     from tunesmith.train.distributed import barrier
 
     for part, dataset in datasets.items():
         if dataset is None:
             continue
         path = reference_file(work_dir, part)
-        if path.exists():
+        if resumed and path.exists():
             values = np.load(path, allow_pickle=False)
             if values.shape != (len(dataset.samples),):
                 raise TunesmithError(f"{path} holds {values.shape[0]} reference log-probabilities, the data has "
