@@ -33,7 +33,8 @@ def main() -> None:
     from tunesmith.models import load_tokenizer
     from tunesmith.models.fast import eager_only, set_checkpointed_layers
     from tunesmith.train.distributed import setup_distributed
-    from tunesmith.train.preference import adapter_off, objective_module
+    from tunesmith.models.fast.lora import adapter_off
+    from tunesmith.train.preference import objective_module
     from tunesmith.train.setup import build_data, load_model
     from tunesmith.train.step import autocast_for, to_device
 
@@ -85,12 +86,19 @@ def main() -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    def whole_step_kept():
+        set_checkpointed_layers(model, 10**6)
+        whole_step()
+
     rows = []
     for name, fn in [("reference, adapter off, compiled", ref_compiled), ("reference, adapter off, eager", ref_eager),
                      ("no-grad forward, adapter on", nograd_adapter_on),
                      ("policy fwd+bwd, reference given", policy_step), ("DPO micro-batch, reference each time",
-                                                                       whole_step)]:
+                                                                       whole_step),
+                     ("same, every layer keeps activations", whole_step_kept)]:
         times = []
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         for i in range(8):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -101,10 +109,11 @@ def main() -> None:
             if i >= 3:
                 times.append((time.perf_counter() - began) * 1000)
         module.take_stats()
-        rows.append((name, statistics.median(times)))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        rows.append((name, statistics.median(times), peak))
     print(f"\n== one micro-batch of {tokens} tokens (one pair), every layer checkpointed whole; median ms of 5 ==")
-    for name, ms in rows:
-        print(f"{name:42s} {ms:9.1f} ms  {tokens / ms * 1000:9.0f} tok/s")
+    for name, ms, peak in rows:
+        print(f"{name:42s} {ms:9.1f} ms  {tokens / ms * 1000:9.0f} tok/s  peak {peak:6.2f} GiB")
 
 
 if __name__ == "__main__":

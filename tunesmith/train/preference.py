@@ -22,7 +22,7 @@ Both are means over pairs (the NLL terms per pair, as the papers write them, so 
 which micro-batch it lands in); the training step divides each micro-batch's summed loss by the pairs of the whole
 accumulation window, the pair analogue of SFT's token weighting.
 
-The reference: with LoRA / QLoRA the same model with its adapter switched off (peft's ``disable_adapter``; no
+The reference: with LoRA / QLoRA the same model with its adapter switched off (models.fast.lora.adapter_off; no
 second copy in memory), computed each step without gradients; or log-probabilities precomputed once before training
 (reference.py) and carried in the batch as ``reference_logps``.
 """
@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tunesmith.models.fast.lora import adapter_off
 
 STAT_KEYS = ("pairs", "loss", "reward_chosen", "reward_rejected", "reward_correct", "logp_chosen", "logp_rejected",
              "ranked_correct", "ranked_margin")
@@ -67,14 +69,6 @@ def orpo_losses(c: torch.Tensor, r: torch.Tensor, chosen_tokens: torch.Tensor, r
     ratio = F.logsigmoid(log_odds(a_c) - log_odds(a_r))
     losses = -a_c - lam * ratio
     return losses, (lam * a_c).detach(), (lam * a_r).detach()
-
-
-def adapter_off(model: nn.Module):
-    """A context in which the peft model runs as its base model (the DPO reference for LoRA / QLoRA)."""
-    inner = getattr(model, "disable_adapter", None)
-    if inner is None:
-        raise ValueError("the adapter-off reference needs a peft model (method lora or qlora)")
-    return inner()
 
 
 class PreferenceLoss(nn.Module):

@@ -32,7 +32,7 @@ def compute_reference(module: Any, dataset: Any, *, batch_size: int, precision: 
                       host_inputs: tuple[str, ...] = ()) -> np.ndarray:
     """Every sequence's summed log-probability under the model as it is now (adapter off when it has one)."""
     from tunesmith.models.fast.logps import score_pairs
-    from tunesmith.train.preference import adapter_off
+    from tunesmith.models.fast.lora import adapter_off
     from tunesmith.train.step import autocast_for
 
     model = module.model

@@ -23,6 +23,7 @@ from tunesmith.models.fast import (
     model_loss_sum,
     remove_fused_lora,
 )
+from tunesmith.models.fast.lora import adapter_off
 
 # ------------------------------------------------------------------------------------------ fused LoRA
 
@@ -63,6 +64,32 @@ def test_fused_lora_defers_to_peft_when_adapters_disabled():
             off_ref = model(input_ids=ids).logits
     torch.testing.assert_close(off, off_ref)
     assert not torch.allclose(on, off)
+
+
+def test_adapter_off_runs_the_base_model_like_peft_and_leaves_the_adapter_as_it_was():
+    model = lora(tiny_llama())
+    apply_fused_lora(model)
+    ids = torch.randint(0, 97, (1, 8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        with model.disable_adapter():
+            off_peft = model(input_ids=ids).logits
+        with adapter_off(model):
+            off = model(input_ids=ids).logits
+            with adapter_off(model):  # nested: the inner exit must not switch the adapter back on
+                pass
+            inner_exit = model(input_ids=ids).logits
+        on = model(input_ids=ids).logits
+    torch.testing.assert_close(off, off_peft, atol=0, rtol=0)
+    torch.testing.assert_close(inner_exit, off_peft, atol=0, rtol=0)
+    assert not torch.allclose(on, off)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    loss = model(input_ids=ids).logits.sum()  # the adapter still trains afterwards
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+    with pytest.raises(ValueError, match="peft model"):
+        with adapter_off(tiny_llama()):
+            pass
 
 
 @pytest.mark.gpu

@@ -20,11 +20,16 @@ batches) calls peft's own forward.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _FAST_CLASSES: dict[type, type] = {}
+_SWITCHABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its adapter layers
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -96,3 +101,47 @@ def remove_fused_lora(model: nn.Module) -> int:
             module.__class__ = type(module).__mro__[1]
             count += 1
     return count
+
+
+def _switchable_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that peft switches on ``disable_adapter`` (tuner layers and the wrappers of
+    ``modules_to_save``), found once per model."""
+    layers = _SWITCHABLE.get(model)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        try:
+            from peft.utils.other import AuxiliaryTrainingWrapper as Wrapper
+        except ImportError:  # older peft
+            from peft.utils.other import ModulesToSaveWrapper as Wrapper
+        layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, Wrapper))]
+        _SWITCHABLE[model] = layers
+    return layers
+
+
+@contextlib.contextmanager
+def adapter_off(model: nn.Module) -> Iterator[None]:
+    """Run a peft LoRA model as its base model inside the block (DPO's reference for LoRA / QLoRA).
+
+    What peft's ``disable_adapter`` does for the forward pass, at a fraction of its cost: peft also takes a census
+    of every module (``get_model_status``) and flips ``requires_grad`` on every adapter weight on the way in and
+    out, about 60 ms of host time per use at 7B with LoRA on all linears, paid once per micro-batch by the DPO step
+    and each time a new compiled-graph guard (``requires_grad``) to check. Here each adapter layer's own
+    ``disable_adapters`` flag is set and restored; parameters and their ``requires_grad`` are left alone, which is
+    right for the no-grad reference pass this is for. Equal outputs: tests/models/fast/test_lora.py."""
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the adapter-off reference needs a peft model (method lora or qlora)")
+    config = model.peft_config[model.active_adapter] if hasattr(model, "peft_config") else None
+    if config is not None and (config.is_prompt_learning or getattr(config, "is_adaption_prompt", False)):
+        with model.disable_adapter():  # adapters that are not layers: peft's own switch
+            yield
+        return
+    layers = _switchable_layers(model)
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer._disable_adapters = was
