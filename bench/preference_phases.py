@@ -32,8 +32,8 @@ def main() -> None:
     from tunesmith.config import load_config
     from tunesmith.models import load_tokenizer
     from tunesmith.models.fast import eager_only, set_checkpointed_layers
-    from tunesmith.train.distributed import setup_distributed
     from tunesmith.models.fast.lora import adapter_off
+    from tunesmith.train.distributed import setup_distributed
     from tunesmith.train.preference import objective_module
     from tunesmith.train.setup import build_data, load_model
     from tunesmith.train.step import autocast_for, to_device
