@@ -22,7 +22,15 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.conversation import RecordError, SkipRecord, Turn
 from tunesmith.data.dataset import build_train_dataset, build_validation_dataset, validate_data_names
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
-from tunesmith.data.pack import PAIR_ROW_FACTOR, PairDataset, collate, make_dataloader, pair_dataset, sequence_ids
+from tunesmith.data.pack import (
+    PAIR_ROW_FACTOR,
+    PairDataset,
+    collate,
+    make_dataloader,
+    pair_dataset,
+    sequence_ids,
+    shared_prefix,
+)
 from tunesmith.data.pairs import encode_pairs, preference_map_fn, rejected_conversation
 from tunesmith.data.readers import MALFORMED, get_format, read_records
 from tunesmith.data.render import tokenizer_info
@@ -436,7 +444,8 @@ def test_build_train_dataset_on_pairs_counts_pairs_and_hits_the_cache(tmp_path, 
     assert s1.pairs == 8 and s1.samples == 16 and s1.conversations == 8 and not s1.cache_hit
     assert s1.dropped == {"chosen and rejected are the same": 1}
     assert "records read 9, conversations 8, pairs 8 (16 sequences), tokens" in s1.summary()
-    assert sum(first.lengths) == s1.tokens and max(first.lengths) <= PAIR_ROW_FACTOR * 64
+    assert sum(first.lengths) == s1.tokens - s1.shared_tokens and max(first.lengths) <= PAIR_ROW_FACTOR * 64
+    assert s1.shared_tokens > 0 and "tokens held once" in s1.summary()
     assert s1.packed_sequences == len(first) and 0 <= s1.pad_fraction < 1
 
     def boom(*a, **k):
@@ -576,6 +585,9 @@ def test_check_custom_dataset_on_pairs_with_the_sft_objective_exits_2(tmp_path, 
                                         "training.objective is sft (hint: set training.objective dpo or orpo)")
 
 
+SHARED_NOTE = r"(?:, the first (\d+) held once with the chosen)?"  # log-dataset's note on a shared prompt
+
+
 def test_log_dataset_shows_each_sequence_of_a_pair(tmp_path, capsys, tiny_qwen2):
     data = write_jsonl(tmp_path / "p.jsonl", pair_rows(4))
     cfg = config_file(tmp_path, tiny_qwen2, path=str(data), pack_to_max_length=False)
@@ -588,12 +600,14 @@ def test_log_dataset_shows_each_sequence_of_a_pair(tmp_path, capsys, tiny_qwen2)
         row = pair_rows(4)[k]
         sizes = []
         for side in ("chosen", "rejected"):
-            found = re.search(rf"^-- pair {k} {side} \((\d+) tokens\) --\n\[masked_text\]\n(.*)$", out, re.M)
+            found = re.search(rf"^-- pair {k} {side} \((\d+) tokens{SHARED_NOTE}\) --\n\[masked_text\]\n(.*)$", out,
+                              re.M)
             assert found is not None, (k, side, out)
-            # the prompt masked as for SFT, the answer and its end of turn shown, the "\n" after it masked
-            assert re.fullmatch(rf"\[masked: \d+\]{re.escape(row[side])}<\|im_end\|>\[masked: 1\]", found.group(2))
-            sizes.append(int(found.group(1)))
-        assert sum(sizes) == int(rows[k][1])
+            # each sequence shown whole (a shared prompt too): the prompt masked as for SFT, the answer and its end
+            # of turn shown, the "\n" after it masked
+            assert re.fullmatch(rf"\[masked: \d+\]{re.escape(row[side])}<\|im_end\|>\[masked: 1\]", found.group(3))
+            sizes.append(int(found.group(1)) - int(found.group(2) or 0))
+        assert sum(sizes) == int(rows[k][1])  # the row holds the shared prompt once
     code, out, _ = run(capsys, "log-dataset", str(cfg), "--show", "all", "-n", "1")
     assert code == 0 and "-- pair 1 chosen" not in out
     text = out.split("-- pair 0 chosen", 1)[1].split("-- pair 0 rejected", 1)
@@ -610,8 +624,55 @@ def test_log_dataset_splits_packed_rows_into_their_pairs(tmp_path, capsys, tiny_
     assert code == 0, err
     rows = re.findall(r"^--- packed row (\d+) \((\d+) tokens, (\d+) pairs?\) ---$", out, re.M)
     assert [r[0] for r in rows] == ["0", "1"] and all(int(r[1]) <= 256 and int(r[2]) >= 2 for r in rows)
-    labels = re.findall(r"^-- pair (\d+) (chosen|rejected) \(\d+ tokens\) --$", out, re.M)
+    found = re.findall(rf"^-- pair (\d+) (chosen|rejected) \(\d+ tokens{SHARED_NOTE}\) --$", out, re.M)
+    labels = [(k, side) for k, side, _ in found]
     assert len(labels) == 2 * sum(int(r[2]) for r in rows)
     for (k1, side1), (k2, side2) in zip(labels[0::2], labels[1::2], strict=True):  # chosen, then its rejected
         assert (side1, side2) == ("chosen", "rejected") and k1 == k2
     assert len({k for k, _ in labels}) == len(labels) // 2
+
+
+def _encoded(ids, scored_from):
+    ids = np.asarray(ids, dtype=np.int32)
+    labels = ids.copy()
+    labels[:scored_from] = IGNORE_INDEX
+    return Encoded(ids, labels)
+
+
+def test_shared_prefix_stops_short_of_the_first_scored_token_and_of_the_common_end():
+    # answers that begin alike (token 7) still score that token in both: the prefix ends before the prompt's last
+    assert shared_prefix(_encoded([1, 2, 3, 7, 8], 3), _encoded([1, 2, 3, 7, 9, 9], 3)) == 2
+    assert shared_prefix(_encoded([1, 2, 5, 7], 3), _encoded([1, 2, 6, 7], 3)) == 1  # prompts differ at token 2
+    assert shared_prefix(_encoded([4, 2, 3], 1), _encoded([5, 2, 3], 1)) == 0
+    assert shared_prefix(_encoded([1, 2, 3], 1), _encoded([1, 9], 1)) == 0  # one prompt token: nothing to hold once
+
+
+def test_a_shared_row_holds_each_sequence_once_with_its_positions_labels_and_keys():
+    chosen, rejected = _encoded([1, 2, 3, 4, 7, 8], 4), _encoded([1, 2, 3, 4, 9], 4)
+    other_c, other_r = _encoded([5, 6, 7], 2), _encoded([6, 6], 1)
+    ds = pair_dataset([chosen, rejected, other_c, other_r], 8, pack=True, seed=None, share_prompt=True)
+    assert ds.shared == [3, 0] and ds.lengths == [6 + 2 + 3 + 2]
+    item = ds[0]
+    members = ds.bins[0]
+    assert members[:2] == [0, 1]  # best-fit decreasing: the longer pair first
+    assert item["input_ids"][:8].tolist() == [1, 2, 3, 4, 7, 8, 4, 9]  # the rejected rest: its prompt's last, answer
+    assert item["position_ids"][:8].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert item["labels"][:8].tolist() == [IGNORE_INDEX] * 4 + [7, 8, IGNORE_INDEX, 9]
+    assert item["sequence_index"].tolist() == [0] * 6 + [1] * 2 + [2] * 3 + [3] * 2
+    assert item["q_lengths"].tolist() == [6, 2, 3, 2] and item["k_lengths"].tolist() == [6, 5, 3, 2]
+    assert item["kv_index"].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 6, 7, 8, 9, 10, 11, 12]
+    assert int(item["num_tokens"]) == 6 + 5 + 3 + 2
+    batch = collate([item, ds[0]], 0, True, pairs=True)  # two rows, no padding: offsets by row
+    assert batch["cu_seq_lens"].tolist() == [0, 6, 8, 11, 13, 19, 21, 24, 26]
+    assert batch["cu_seq_lens_k"].tolist() == [0, 6, 11, 14, 16, 22, 27, 30, 32]
+    assert batch["kv_index"][16:19].tolist() == [13, 14, 15] and batch["num_pairs"] == 4
+    assert batch["sequence_ids"][1].tolist() == [4] * 6 + [5] * 2 + [6] * 3 + [7] * 2
+
+
+def test_prompts_are_shared_only_where_the_packed_attention_reads_them(tiny_qwen2, tmp_path):
+    base = {"model": {"path": str(tiny_qwen2)}, "data": {"path": "x.jsonl", "format": "preference"},
+            "training": {"objective": "dpo"}, "method": "lora"}
+    assert TrainConfig.model_validate(base).shares_prompt()
+    for override in ({"speed": {"packed_attention": False}}, {"preference": {"share_prompt": False}},
+                     {"model": {"path": str(tiny_qwen2), "attn_implementation": "eager"}}):
+        assert not TrainConfig.model_validate({**base, **override}).shares_prompt(), override

@@ -172,6 +172,10 @@ class PreferenceSection(Section):
         "auto", description="DPO's reference model: adapter_off = the model with its LoRA switched off, each step "
         "(no second copy); precomputed = its log-probabilities computed once before training and kept in the work "
         "dir; auto = adapter_off for lora / qlora, precomputed for full")
+    share_prompt: bool = Field(
+        True, description="hold the tokens a pair's chosen and rejected sequences begin with (system, history, "
+        "prompt) once in a row and compute them once; the same losses. Needs speed.packed_attention with "
+        "model.attn_implementation auto or sdpa, and is off otherwise")
 
     def reference_mode(self, method: str) -> str:
         """The reference actually used for ``method`` (the one home of ``auto``)."""
@@ -300,6 +304,12 @@ class TrainConfig(Section):
     @classmethod
     def _lower_method(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    def shares_prompt(self) -> bool:
+        """Whether pair rows hold each pair's common start once (the one home of that rule: the data layout
+        needs tunesmith's packed attention to read it)."""
+        return (self.preference.share_prompt and self.speed.packed_attention
+                and self.model.attn_implementation in ("auto", "sdpa"))
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:

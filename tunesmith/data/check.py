@@ -153,14 +153,26 @@ def _pair_row(dataset: Any, k: int, tokenizer: Any, show: str, packed: bool) -> 
     item = dataset[k]
     ids, labels = item["input_ids"].numpy(), item["labels"].numpy()
     members = dataset.bins[k]  # sample indices in row order: pair j is samples 2j (chosen) and 2j + 1 (rejected)
-    seq = sequence_ids(item["position_ids"][None], [len(ids)])[0].numpy()
+    if "sequence_index" in item:  # shared prompts: the rejected rest follows its chosen, which holds the prefix
+        seq = item["sequence_index"].numpy()
+    else:
+        seq = sequence_ids(item["position_ids"][None], [len(ids)])[0].numpy()
     out = [f"--- {'packed row' if packed else 'row'} {k} ({len(ids)} tokens, {len(members) // 2} "
            f"pair{'s' if len(members) != 2 else ''}) ---"]
+    chosen_at = 0
     for s, idx in enumerate(members):
         where = np.flatnonzero(seq == s)
         lo, hi = int(where[0]), int(where[-1]) + 1
-        out.append(f"-- pair {idx // 2} {'chosen' if idx % 2 == 0 else 'rejected'} ({hi - lo} tokens) --")
-        out += _views(tokenizer, ids[lo:hi], labels[lo:hi], show)
+        seq_ids, seq_labels, note = ids[lo:hi], labels[lo:hi], ""
+        shared = dataset.shared[idx // 2] if getattr(dataset, "shared", None) and idx % 2 else 0
+        if idx % 2 == 0:
+            chosen_at = lo
+        elif shared:  # shown whole: the prefix it shares, then its own tokens
+            seq_ids = np.concatenate([ids[chosen_at:chosen_at + shared], seq_ids])
+            seq_labels = np.concatenate([labels[chosen_at:chosen_at + shared], seq_labels])
+            note = f", the first {shared} held once with the chosen"
+        out.append(f"-- pair {idx // 2} {'chosen' if idx % 2 == 0 else 'rejected'} ({len(seq_ids)} tokens{note}) --")
+        out += _views(tokenizer, seq_ids, seq_labels, show)
     return out
 
 

@@ -63,6 +63,7 @@ class DataStats:
     pairs: int = 0  # preference pairs (each two samples: the chosen and the rejected sequence)
     packed_sequences: int = 0
     pad_fraction: float = 0.0
+    shared_tokens: int = 0  # pairs: prompt tokens held once instead of twice (preference.share_prompt)
     tokens: int = 0
     loss_tokens: int = 0
     max_length: int = 0
@@ -92,6 +93,9 @@ class DataStats:
             lines.append(f"skipped {skipped} malformed records (data.strict: true stops at the first instead):")
             lines += [f"  {reason.removeprefix(MALFORMED)}: {self.dropped.get(reason, 0)} (first at {', '.join(at)})"
                       for reason, at in self.malformed_at.items()]
+        if self.shared_tokens:
+            lines.append(f"shared prompts: {self.shared_tokens} tokens held once, "
+                         f"{self.shared_tokens / max(self.tokens, 1):.1%} of the pairs' tokens not computed twice")
         if self.packed_sequences:
             lines.append(f"packed into {self.packed_sequences} sequences, pad fraction {self.pad_fraction:.2%}")
         if self.cache_path:
@@ -328,10 +332,11 @@ def _as_dataset(samples: list[Encoded], stats: DataStats, cfg: Any, tokenizer: A
     d = cfg.data
     if get_format(d.format).kind == PAIRS:
         dataset: PackedDataset | SampleDataset = pair_dataset(samples, d.max_length, pack=d.pack_to_max_length,
-                                                              seed=seed)
+                                                              seed=seed, share_prompt=cfg.shares_prompt())
         stats.packed_sequences = len(dataset) if d.pack_to_max_length else 0
+        stats.shared_tokens = sum(dataset.shared or ())
         capacity = len(dataset) * PAIR_ROW_FACTOR * d.max_length
-        stats.pad_fraction = 1.0 - stats.tokens / capacity if capacity and d.pack_to_max_length else 0.0
+        stats.pad_fraction = 1.0 - sum(dataset.lengths) / capacity if capacity and d.pack_to_max_length else 0.0
     elif d.pack_to_max_length:
         dataset = pack_dataset(samples, d.max_length, seed=seed)
         stats.packed_sequences = len(dataset)

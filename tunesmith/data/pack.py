@@ -21,7 +21,19 @@ Preference pairs (`pair_dataset`): a pair's chosen and rejected sequences always
 other (positions restart, so attention never crosses them); packed rows hold whole pairs up to
 `PAIR_ROW_FACTOR` x max_length tokens (max_length counts one sequence), unpacked rows hold one pair. Their batches
 add `sequence_ids` (int64 [B, L]: the index of the sequence each token belongs to, counted over the whole
-micro-batch row by row, -1 on padding; pair k is sequences 2k (chosen) and 2k+1 (rejected)) and `num_pairs`.
+micro-batch row by row, -1 on padding; pair k is sequences 2k (chosen) and 2k+1 (rejected)), `num_pairs` and
+`num_tokens` (the pairs' tokens, chosen and rejected counted in full: what tokens/s counts for pairs).
+
+Shared prompts (`pair_dataset(..., share_prompt=True)`): chosen and rejected begin with the same tokens (system,
+history, prompt). The row then holds them once: `[prefix | chosen rest | rejected rest]`, where the prefix is the
+common start short of its last token and short of the first scored token (`shared_prefix`), so each rest begins
+with an unscored token that predicts its first answer token within its own run. Positions continue the prefix in both
+rests. Attention is no longer a set of separate blocks: the rejected rest attends to the prefix and itself, never to
+the chosen rest. Such batches say so explicitly: `cu_seq_lens` (query segments: prefix + chosen rest, rejected
+rest, padding), `kv_index` (int64: for each segment in turn, the flat token indices of its keys: the segment itself,
+or the prefix then the rejected rest) and `cu_seq_lens_k` (int32 offsets into `kv_index`); only the packed
+attention of models/fast/attention.py reads them, and tests/models/fast/test_logps.py checks the result equals the
+plain layout's.
 
 Attention isolation: transformers 5 (masking_utils.find_packed_sequence_indices) derives a block-diagonal
 causal mask from position_ids that restart, in the sdpa / eager / flex / flash paths, when no
@@ -127,32 +139,84 @@ class PackedDataset(Dataset):
 PAIR_ROW_FACTOR = 2  # a packed row of pairs holds this many times data.max_length tokens (max_length: one sequence)
 
 
+def shared_prefix(chosen: Encoded, rejected: Encoded) -> int:
+    """How many leading tokens a pair's two sequences can hold once: their common start, stopped one token short of
+    its end and of the first scored token (module docstring); 0 when there is nothing to share."""
+    a, b = chosen.input_ids, rejected.input_ids
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    common = int(differ[0]) if differ.size else n
+    scored = [int(np.flatnonzero(x.labels != IGNORE_INDEX)[0]) for x in (chosen, rejected)
+              if (x.labels != IGNORE_INDEX).any()]
+    return max(0, min([common, *scored]) - 1)
+
+
 class PairDataset(PackedDataset):
-    """Preference pairs in rows (module docstring): samples 2k and 2k+1 are pair k's chosen and rejected."""
+    """Preference pairs in rows (module docstring): samples 2k and 2k+1 are pair k's chosen and rejected.
+    ``shared``: per pair, the tokens its sequences hold once (``None``: the plain layout, each sequence whole)."""
 
     pairs = True
     reference_logps: np.ndarray | None = None  # DPO's precomputed reference, one log-probability per sample
+
+    def __init__(self, samples: Sequence[Encoded], bins: Sequence[Sequence[int]], shared: Sequence[int] | None = None):
+        super().__init__(samples, bins)
+        self.shared = None if shared is None else list(shared)
+        if self.shared is not None:
+            self.lengths = [sum(len(self.samples[i].input_ids) for i in b) - sum(self.shared[i // 2] for i in b[1::2])
+                            for b in self.bins]
 
     @property
     def num_pairs(self) -> int:
         return len(self.samples) // 2
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = super().__getitem__(i)
+        item = super().__getitem__(i) if self.shared is None else self._shared_row(self.bins[i])
+        item["num_tokens"] = torch.tensor(sum(len(self.samples[j].input_ids) for j in self.bins[i]))
         if self.reference_logps is not None:
             item["reference_logps"] = torch.from_numpy(self.reference_logps[self.bins[i]].astype(np.float32))
         return item
 
+    def _shared_row(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
+        ids, labels, positions, owner, q_lengths, k_lengths, keys = [], [], [], [], [], [], []
+        start = 0
+        for s in range(0, len(members), 2):
+            chosen, rejected = self.samples[members[s]], self.samples[members[s + 1]]
+            p = self.shared[members[s] // 2]
+            n_c, n_r = len(chosen.input_ids), len(rejected.input_ids) - p
+            ids += [chosen.input_ids, rejected.input_ids[p:]]
+            rest = rejected.labels[p:].copy()
+            rest[0] = IGNORE_INDEX  # nothing predicts the rejected rest's first token across the chosen one
+            first = chosen.labels.copy()
+            first[0] = IGNORE_INDEX
+            labels += [first, rest]
+            positions += [np.arange(n_c), np.arange(p, p + n_r)]
+            owner += [np.full(n_c, s), np.full(n_r, s + 1)]
+            q_lengths += [n_c, n_r]
+            k_lengths += [n_c, p + n_r]
+            rest_at = start + n_c  # the rejected rest's keys: the prefix, then itself
+            keys += [np.arange(start, rest_at), np.arange(start, start + p), np.arange(rest_at, rest_at + n_r)]
+            start = rest_at + n_r
+        item = _item(np.concatenate(ids), np.concatenate(labels), np.concatenate(positions))
+        item["sequence_index"] = torch.from_numpy(np.concatenate(owner).astype(np.int64))
+        item["q_lengths"] = torch.tensor(q_lengths)
+        item["k_lengths"] = torch.tensor(k_lengths)
+        item["kv_index"] = torch.from_numpy(np.concatenate(keys).astype(np.int64))
+        return item
 
-def pair_dataset(samples: Sequence[Encoded], max_length: int, *, pack: bool, seed: int | None) -> PairDataset:
-    """Rows of whole pairs: packed into ``PAIR_ROW_FACTOR * max_length`` tokens, or one pair a row."""
+
+def pair_dataset(samples: Sequence[Encoded], max_length: int, *, pack: bool, seed: int | None,
+                 share_prompt: bool = False) -> PairDataset:
+    """Rows of whole pairs: packed into ``PAIR_ROW_FACTOR * max_length`` tokens, or one pair a row; with
+    ``share_prompt`` each pair's common start is held once (module docstring)."""
     n = len(samples) // 2
+    shared = [shared_prefix(samples[2 * k], samples[2 * k + 1]) for k in range(n)] if share_prompt else None
     if pack:
-        sizes = [len(samples[2 * k].input_ids) + len(samples[2 * k + 1].input_ids) for k in range(n)]
+        sizes = [len(samples[2 * k].input_ids) + len(samples[2 * k + 1].input_ids) - (shared[k] if shared else 0)
+                 for k in range(n)]
         groups = pack_bins(sizes, PAIR_ROW_FACTOR * max_length, seed=seed)
     else:
         groups = [[k] for k in range(n)]
-    return PairDataset(samples, [[i for k in g for i in (2 * k, 2 * k + 1)] for g in groups])
+    return PairDataset(samples, [[i for k in g for i in (2 * k, 2 * k + 1)] for g in groups], shared)
 
 
 def sequence_ids(position_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
@@ -194,11 +258,39 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int, packed:
         batch["cu_seq_lens"] = cu_seqlens_from_position_ids(position_ids)
     batch["num_loss_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
     if pairs:
-        batch["sequence_ids"] = sequence_ids(position_ids, lengths)
+        if "kv_index" in items[0]:
+            batch.update(_shared_attention(items, lengths, width))
+        else:
+            batch["sequence_ids"] = sequence_ids(position_ids, lengths)
         batch["num_pairs"] = (int(batch["sequence_ids"].max()) + 1) // 2
+        batch["num_tokens"] = int(sum(int(it["num_tokens"]) for it in items))
         if "reference_logps" in items[0]:
             batch["reference_logps"] = torch.cat([it["reference_logps"] for it in items])
     return batch
+
+
+def _shared_attention(items: Sequence[dict[str, torch.Tensor]], lengths: Sequence[int], width: int
+                      ) -> dict[str, torch.Tensor]:
+    """The batch keys of rows with shared prompts (module docstring): segments and their keys over the flattened
+    ``[B * width]`` tokens, padding a segment of its own, and the sequence ids."""
+    q_lengths, k_lengths, keys = [], [], []
+    owners = torch.full((len(items), width), -1, dtype=torch.long)
+    offset = 0
+    for r, (it, k) in enumerate(zip(items, lengths)):
+        base = r * width
+        q_lengths.append(it["q_lengths"])
+        k_lengths.append(it["k_lengths"])
+        keys.append(it["kv_index"] + base)
+        if k < width:
+            q_lengths.append(torch.tensor([width - k]))
+            k_lengths.append(torch.tensor([width - k]))
+            keys.append(torch.arange(base + k, base + width))
+        owners[r, :k] = it["sequence_index"] + offset
+        offset += int(it["sequence_index"].max()) + 1
+    zero = torch.zeros(1, dtype=torch.long)
+    return {"cu_seq_lens": torch.cat([zero, torch.cat(q_lengths)]).cumsum(0).to(torch.int32),
+            "cu_seq_lens_k": torch.cat([zero, torch.cat(k_lengths)]).cumsum(0).to(torch.int32),
+            "kv_index": torch.cat(keys), "sequence_ids": owners}
 
 
 def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:

@@ -185,7 +185,8 @@ class StepOutput:
     loss_sum: torch.Tensor  # summed target-token losses of the window, all ranks (preference: summed pair losses)
     tokens: torch.Tensor  # target tokens of the window, all ranks (preference: pairs)
     grad_norm: float | None
-    input_tokens: int  # input positions this rank processed (padding included): the throughput count
+    input_tokens: int  # the throughput count: input positions this rank processed, padding included; for pairs
+    # their chosen and rejected tokens in full, a shared prompt counted in both (the batch's num_tokens)
     samples: int  # rows this rank processed
     stats: dict[str, float] = field(default_factory=dict)  # preference numbers summed over the window, all ranks
 
@@ -209,7 +210,7 @@ class TrainStep:
         for i, batch in enumerate(window):
             last = i == len(window) - 1
             batch = to_device(batch, self.device, self.host_inputs)
-            input_tokens += int(batch["input_ids"].numel())
+            input_tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
             samples += int(batch["input_ids"].shape[0])
             b.begin_micro(last)
             with b.sync(last):

@@ -71,17 +71,18 @@ def test_packing_is_computed_once_per_forward_pass(monkeypatch):
     assert len(calls) == 2  # a new batch is a new tensor: computed again, never stale
 
 
-def _reference_varlen(q, k, v, cu, max_len, scale):
-    """What the flash kernel computes, in plain torch: causal attention inside each cu segment."""
-    assert cu.dtype == torch.int32 and q.dim() == 3 and q.is_contiguous() and k.is_contiguous()
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """What the flash kernel computes, in plain torch: causal attention of each cu_q segment over the same cu_k
+    segment of the keys, the mask aligned to the bottom right where a segment has more keys than queries."""
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and q.dim() == 3 and q.is_contiguous() and k.is_contiguous()
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for s, e in itertools.pairwise(bounds):
-        assert 0 < e - s <= max_len
-        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
-        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    for (s, e), (ks_, ke) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist())):
+        assert 0 < e - s <= max_q and 0 < ke - ks_ <= max_k
+        qs = q[s:e].transpose(0, 1)
+        ks, vs = (t[ks_:ke].transpose(0, 1).repeat_interleave(groups, 0) for t in (k, v))
+        mask = torch.ones(e - s, ke - ks_, dtype=torch.bool).tril(ke - ks_ - (e - s))
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(0, 1)
     return out
 
 
@@ -113,7 +114,7 @@ def test_boundaries_handed_to_the_layers_match_plain_without_host_copies(monkeyp
     monkeypatch.setattr(attention, "_inputs_fit_varlen", lambda q, k, dropout: not dropout)
     seen = []
     monkeypatch.setattr(
-        attention, "_flash_forward", lambda q, k, v, cu, m, s: seen.append(cu) or _reference_varlen(q, k, v, cu, m, s)
+        attention, "_flash_forward", lambda q, k, v, cu, *rest: seen.append(cu) or _reference_varlen(q, k, v, cu, *rest)
     )
     copies = []
     real_copy = attention._host_copy

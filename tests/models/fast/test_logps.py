@@ -12,6 +12,9 @@ import torch
 from tests.models.fast.helpers import gpu_models, grads, lora, rel_err, tiny_llama
 from tunesmith.data.encode import Encoded
 from tunesmith.data.pack import collate, pair_dataset
+from tunesmith.errors import TunesmithError
+from tunesmith.models.fast import attention
+from tunesmith.models.fast.attention import PACKED_SDPA, set_attention
 from tunesmith.models.fast.logps import sequence_logps, token_logps
 
 
@@ -95,6 +98,98 @@ def test_a_wrapped_head_goes_through_its_own_forward():
     targets = torch.randint(0, head.out_features, (9,))
     torch.testing.assert_close(token_logps(hidden, wrapper, targets, chunk_size=4),
                                token_logps(hidden, head, targets, chunk_size=4), atol=1e-5, rtol=1e-5)
+
+
+def prompted_pairs(pairs=((5, 4, 6), (1, 7, 3), (4, 3, 3)), vocab=97, seed=5):
+    """Pairs (prompt, chosen answer, rejected answer lengths) whose sequences begin with the same prompt; in the
+    second the prompt is one token, so nothing is shared. Answers are scored, prompts not."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for prompt, *answers in pairs:
+        head = torch.randint(0, vocab, (prompt,), generator=g)
+        for n in answers:
+            ids = torch.cat([head, torch.randint(0, vocab, (n,), generator=g)]).numpy().astype("int32")
+            labels = ids.copy()
+            labels[:prompt] = -100
+            samples.append(Encoded(ids, labels))
+    return samples
+
+
+def layouts(samples, packed, device="cpu"):
+    """The same pairs collated plainly and with shared prompts."""
+    out = []
+    for share in (False, True):
+        ds = pair_dataset(samples, max_length=16, pack=packed, seed=None, share_prompt=share)
+        batch = collate([ds[i] for i in range(len(ds))], 0, True, pairs=True)
+        out.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+    return out
+
+
+def weighted_logps_and_grads(model, batch, **options):
+    model.zero_grad(set_to_none=True)
+    logps, tokens = sequence_logps(model, batch, **options)
+    (logps * torch.linspace(-1, 1, logps.shape[0], device=logps.device)).sum().backward()
+    return logps.detach().float(), tokens, grads(model)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("kernel", ["loop", "varlen emulated"])
+def test_shared_prompt_rows_score_like_the_plain_layout(monkeypatch, packed, kernel):
+    """A pair's prompt held once (the rejected rest attending to it across the chosen rest) gives every sequence
+    the log-probability and gradients of the plain layout, on the CPU loop and through the varlen plumbing (the
+    flash kernel emulated in plain torch, tests/models/fast/test_attention.py)."""
+    if kernel != "loop":
+        from tests.models.fast.test_attention import _reference_varlen
+
+        monkeypatch.setattr(attention, "varlen_possible", lambda device: True)
+        monkeypatch.setattr(attention, "_inputs_fit_varlen", lambda q, k, dropout: True)
+        monkeypatch.setattr(attention, "_flash_forward", _reference_varlen)
+    samples = prompted_pairs()
+    plain_batch, shared_batch = layouts(samples, packed)
+    assert shared_batch["input_ids"].numel() < plain_batch["input_ids"].numel()
+    assert shared_batch["num_tokens"] == plain_batch["num_tokens"] == sum(len(s.input_ids) for s in samples)
+    model = lora(tiny_llama(kv_heads=2))
+    set_attention(model, PACKED_SDPA)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    plain = weighted_logps_and_grads(model, plain_batch, chunk_size=5)
+    shared = weighted_logps_and_grads(model, shared_batch, chunk_size=5)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert shared[1].tolist() == plain[1].tolist()
+    assert shared[2].keys() == plain[2].keys()
+    for k in plain[2]:
+        torch.testing.assert_close(shared[2][k], plain[2][k], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_rows_need_the_packed_attention():
+    _, shared_batch = layouts(prompted_pairs(), True)
+    with pytest.raises(TunesmithError, match="share_prompt=false"):
+        sequence_logps(lora(tiny_llama()), shared_batch)
+
+
+@pytest.mark.gpu
+def test_gpu_shared_prompt_rows_match_the_plain_layout():
+    """The real flash kernel with gathered keys (bottom-right causal alignment) against the plain layout, bf16,
+    within the plain path's own error against fp32."""
+    plain_model, fast, ref = gpu_models()
+    for m in (plain_model, fast, ref):
+        set_attention(m, PACKED_SDPA)
+    samples = prompted_pairs(pairs=((120, 80, 60), (1, 50, 70), (64, 100, 30)), vocab=1000)
+    plain_batch, shared_batch = layouts(samples, True, device="cuda")
+    q = torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
+    assert attention.packed_backend(q, q) == "varlen", attention._varlen_broken
+
+    def run(model, batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype != torch.float32):
+            return weighted_logps_and_grads(model, batch, chunked=True)
+
+    ref_logps, _, ref_grads = run(ref, plain_batch)
+    plain_logps, _, plain_grads = run(plain_model, plain_batch)
+    fast_logps, _, fast_grads = run(fast, shared_batch)
+    assert attention._varlen_broken is None
+    plain_err = (plain_logps - ref_logps).abs().max().item()
+    assert (fast_logps - ref_logps).abs().max().item() <= 2 * plain_err + 1e-2
+    assert rel_err(fast_grads, ref_grads) <= 2 * rel_err(plain_grads, ref_grads) + 1e-3
 
 
 @pytest.mark.gpu

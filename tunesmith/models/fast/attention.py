@@ -126,7 +126,11 @@ def packing_kwargs(batch: dict) -> dict:
     ``max_length`` is the row length, an upper bound the kernel accepts (blocks past a sample's end exit at
     once): one value for every batch, so compiled layers are not recompiled for each new longest sample."""
     position_ids = batch.get("position_ids")
-    if position_ids is None or batch.get("attention_mask") is not None or not varlen_possible(position_ids.device):
+    if position_ids is None or batch.get("attention_mask") is not None:
+        return {}
+    if batch.get("kv_index") is not None:
+        return _shared_prompt_kwargs(batch, position_ids)
+    if not varlen_possible(position_ids.device):
         return {}
     rows = batch["input_ids"].shape[0]
     cu = batch.get("cu_seq_lens")
@@ -141,6 +145,21 @@ def packing_kwargs(batch: dict) -> dict:
     torch._dynamo.maybe_mark_dynamic(cu, 0)  # the sample count changes from batch to batch
     length = position_ids.shape[-1]
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
+
+
+def _shared_prompt_kwargs(batch: dict, position_ids: torch.Tensor) -> dict:
+    """A batch with shared prompts (data/pack.py) names each segment's keys itself; every path needs that (the
+    block mask read from positions would be wrong), so it is passed on whatever the backend, with whether the varlen
+    kernel may run (decided here, on the host, so compiled layers only read a flag)."""
+    device = position_ids.device
+    out = {name: batch[key].to(device, non_blocking=True)
+           for name, key in (("cu_seq_lens_q", "cu_seq_lens"), ("cu_seq_lens_k", "cu_seq_lens_k"),
+                             ("kv_index", "kv_index"))}
+    for t in out.values():
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    length = position_ids.shape[-1]  # a bound on every query and key segment: a rejected rest and its prefix are
+    # shorter than the row that also holds the chosen rest
+    return {**out, "max_length_q": length, "max_length_k": length, "shared_varlen": varlen_possible(device)}
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -213,24 +232,80 @@ def flash_varlen(
     return _flash_forward_bhld(query, key, value, packing.cu_seqlens, packing.max_len, scale)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B * L, H, D]``: a free view when it was transposed from ``[B, L, H, D]`` (HF does)."""
+    b, h, length, d = t.shape
+    return t.transpose(1, 2).reshape(b * length, h, d)
+
+
 def _flash_forward_bhld(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None,
+    shared: dict | None = None,
 ) -> torch.Tensor:
-    b, hq, length, d = query.shape
-    hk = key.shape[1]
-    # [B, H, L, D] -> [B * L, H, D]: a free view when q / k / v were transposed from [B, L, H, D] (HF does)
-    q = query.transpose(1, 2).reshape(b * length, hq, d).contiguous()
-    k = key.transpose(1, 2).reshape(b * length, hk, d).contiguous()
-    v = value.transpose(1, 2).reshape(b * length, hk, value.shape[-1]).contiguous()
-    out = _flash_forward(q, k, v, cu, max_len, scale)
+    """``shared``: the kwargs of a batch with shared prompts: keys gathered segment by segment (``kv_index``),
+    their own offsets ``cu_seq_lens_k``."""
+    b, hq, length, _ = query.shape
+    q, k, v = _flat(query).contiguous(), _flat(key), _flat(value)
+    cu_k, max_k = cu, max_len
+    if shared is not None:
+        k, v = k.index_select(0, shared["kv_index"]), v.index_select(0, shared["kv_index"])
+        cu_k, max_k = shared["cu_seq_lens_k"], shared["max_length_k"]
+    out = _flash_forward(q, k.contiguous(), v.contiguous(), cu, cu_k, max_len, max_k, scale)
     return out.view(b, length, hq, out.shape[-1])
 
 
 def _flash_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+    max_k: int, scale: float | None
 ) -> torch.Tensor:
-    """``[T, Hq, D]`` causal attention within each ``cu`` segment (dropout 0, no debug mask)."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)[0]
+    """``[Tq, Hq, D]`` causal attention of each ``cu_q`` segment over the same ``cu_k`` segment of the keys (dropout
+    0, no debug mask). Where a segment has more keys than queries the kernel aligns the causal mask to the bottom
+    right: query i sees every key up to ``i + keys - queries``, the rejected rest seeing its whole shared prefix."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale)[0]
+
+
+@torch.compiler.disable  # host-side segment lists: runs eagerly even inside a compiled layer
+def shared_loop_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared: dict, scale: float | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The fallback for shared prompts (CPU, fp32, ...): SDPA once per segment over its gathered keys, with the
+    bottom-right causal mask of :func:`_flash_forward`. Same shapes as :func:`flash_varlen`."""
+    b, hq, length, _ = query.shape
+    groups = hq // key.shape[1]
+    q = _flat(query)
+    k, v = _flat(key).index_select(0, shared["kv_index"]), _flat(value).index_select(0, shared["kv_index"])
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    parts = []
+    q_bounds, k_bounds = shared["cu_seq_lens_q"].tolist(), shared["cu_seq_lens_k"].tolist()
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(q_bounds), itertools.pairwise(k_bounds)):
+        nq, nk = q1 - q0, k1 - k0
+        mask = None if nq == nk else torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        out = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                             v[k0:k1].transpose(0, 1), attn_mask=mask, dropout_p=dropout,
+                                             is_causal=mask is None, scale=scale)
+        parts.append(out.transpose(0, 1))
+    return torch.cat(parts).view(b, length, hq, -1)
+
+
+def shared_prompt_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared: dict, scale: float | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention of a batch with shared prompts: the varlen kernel over gathered keys where it can run, else the
+    per-segment loop."""
+    if shared["shared_varlen"] and _inputs_fit_varlen(query, key, dropout):
+        if torch.compiler.is_compiling():
+            return _flash_forward_bhld(query, key, value, shared["cu_seq_lens_q"], shared["max_length_q"], scale,
+                                       shared)
+        try:
+            return _flash_forward_bhld(query, key, value, shared["cu_seq_lens_q"], shared["max_length_q"], scale,
+                                       shared)
+        except RuntimeError as exc:
+            _varlen_failed(exc)
+    return shared_loop_attention(query, key, value, shared, scale, dropout)
 
 
 def loop_attention(
@@ -281,6 +356,8 @@ def packed_sdpa_attention_forward(
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     self_attention = query.shape[2] == key.shape[2]
+    if kwargs.get("kv_index") is not None:  # shared prompts (data/pack.py): the segments are explicit
+        return shared_prompt_attention(query, key, value, kwargs, scaling, dropout), None
     cu = kwargs.get("cu_seq_lens_q")
     if torch.compiler.is_compiling():
         # inside a compiled layer: no host-side bookkeeping and no try / except around the kernel. The varlen

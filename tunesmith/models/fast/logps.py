@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.errors import TunesmithError
 from tunesmith.models.fast.attention import PACKED_SDPA, packing_kwargs
 from tunesmith.models.fast.loss import (
     IGNORE_INDEX,
@@ -119,6 +120,10 @@ def sequence_logps(model: nn.Module, batch: dict, *, chunked: bool = True, chunk
     decoder, head = split_decoder_and_head(model)
     if getattr(decoder.config, "_attn_implementation", None) == PACKED_SDPA:
         kwargs.update(packing_kwargs(batch))
+    elif batch.get("kv_index") is not None:
+        raise TunesmithError("these pairs hold their shared prompt once, which only tunesmith's packed attention reads",
+                             "set preference.share_prompt=false, or speed.packed_attention=true with "
+                             "model.attn_implementation auto or sdpa")
     hidden_states = decoder(**kwargs).last_hidden_state
     targets = shifted_targets(batch["labels"], batch.get("position_ids"), ignore_index).reshape(-1)
     owners = batch["sequence_ids"][:, 1:].reshape(-1)
@@ -148,7 +153,9 @@ def score_pairs(model: nn.Module, samples: Sequence, *, batch_size: int = 8, pad
     ``progress(n)`` after each batch with its number of pairs."""
     from tunesmith.data.pack import collate, pair_dataset
 
-    rows = pair_dataset(samples, max(len(s.input_ids) for s in samples), pack=False, seed=None)  # row k: pair k
+    share = getattr(split_decoder_and_head(model)[0].config, "_attn_implementation", None) == PACKED_SDPA
+    rows = pair_dataset(samples, max(len(s.input_ids) for s in samples), pack=False, seed=None,  # row k: pair k
+                        share_prompt=share)
     order = sorted(range(len(rows)), key=lambda k: (-rows.lengths[k], k))
     logps = np.zeros(len(samples), dtype=np.float64)
     tokens = np.zeros(len(samples), dtype=np.int64)
