@@ -119,7 +119,8 @@ def layouts(samples, packed, device="cpu"):
     """The same pairs collated plainly and with shared prompts."""
     out = []
     for share in (False, True):
-        ds = pair_dataset(samples, max_length=16, pack=packed, seed=None, share_prompt=share)
+        ds = pair_dataset(samples, max_length=max(len(x.input_ids) for x in samples), pack=packed, seed=None,
+                          share_prompt=share)
         batch = collate([ds[i] for i in range(len(ds))], 0, True, pairs=True)
         out.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
     return out
