@@ -116,21 +116,26 @@ def prompted_pairs(pairs=((5, 4, 6), (1, 7, 3), (4, 3, 3)), vocab=97, seed=5):
 
 
 def layouts(samples, packed, device="cpu"):
-    """The same pairs collated plainly and with shared prompts."""
+    """The same pairs collated plainly and with shared prompts, each in sample order (rows may pack differently)."""
     out = []
     for share in (False, True):
         ds = pair_dataset(samples, max_length=max(len(x.input_ids) for x in samples), pack=packed, seed=None,
                           share_prompt=share)
         batch = collate([ds[i] for i in range(len(ds))], 0, True, pairs=True)
-        out.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+        order = [i for row in ds.bins for i in row]  # batch sequence j is sample order[j]
+        weights = torch.linspace(-1, 1, len(samples))[order]  # the same weight for a sample in both layouts
+        out.append(({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()},
+                    torch.tensor(order).argsort(), weights.to(device)))
     return out
 
 
-def weighted_logps_and_grads(model, batch, **options):
+def weighted_logps_and_grads(model, layout, **options):
+    """Each sample's log-probability and token count (sample order), and the gradients of a weighted sum."""
+    batch, to_samples, weights = layout
     model.zero_grad(set_to_none=True)
     logps, tokens = sequence_logps(model, batch, **options)
-    (logps * torch.linspace(-1, 1, logps.shape[0], device=logps.device)).sum().backward()
-    return logps.detach().float(), tokens, grads(model)
+    (logps * weights).sum().backward()
+    return logps.detach().float()[to_samples.to(logps.device)], tokens[to_samples.to(tokens.device)], grads(model)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -147,8 +152,9 @@ def test_shared_prompt_rows_score_like_the_plain_layout(monkeypatch, packed, ker
         monkeypatch.setattr(attention, "_flash_forward", _reference_varlen)
     samples = prompted_pairs()
     plain_batch, shared_batch = layouts(samples, packed)
-    assert shared_batch["input_ids"].numel() < plain_batch["input_ids"].numel()
-    assert shared_batch["num_tokens"] == plain_batch["num_tokens"] == sum(len(s.input_ids) for s in samples)
+    held = [int((b["sequence_ids"] >= 0).sum()) for b, _, _ in (plain_batch, shared_batch)]
+    assert held[1] == held[0] - (5 - 1) - (4 - 1)  # the prompts of pairs 0 and 2 held once (pair 1's is 1 token)
+    assert shared_batch[0]["num_tokens"] == plain_batch[0]["num_tokens"] == sum(len(s.input_ids) for s in samples)
     model = lora(tiny_llama(kv_heads=2))
     set_attention(model, PACKED_SDPA)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -163,7 +169,7 @@ def test_shared_prompt_rows_score_like_the_plain_layout(monkeypatch, packed, ker
 
 
 def test_shared_prompt_rows_need_the_packed_attention():
-    _, shared_batch = layouts(prompted_pairs(), True)
+    _, (shared_batch, _, _) = layouts(prompted_pairs(), True)
     with pytest.raises(TunesmithError, match="share_prompt=false"):
         sequence_logps(lora(tiny_llama()), shared_batch)
 
