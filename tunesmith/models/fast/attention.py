@@ -297,7 +297,7 @@ def shared_prompt_attention(
     """Attention of a batch with shared prompts: the varlen kernel over gathered keys where it can run, else the
     per-segment loop."""
     if shared["shared_varlen"] and _inputs_fit_varlen(query, key, dropout):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # no try / except inside a compiled graph
             return _flash_forward_bhld(query, key, value, shared["cu_seq_lens_q"], shared["max_length_q"], scale,
                                        shared)
         try:
