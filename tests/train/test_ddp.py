@@ -44,3 +44,30 @@ def test_ddp_two_processes_and_resume(make_cfg, tmp_path):
     a = load_file(str(tmp_path / "full" / final / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / final / "adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_ddp_validation_on_pairs_scores_every_held_out_pair_once(make_cfg, tmp_path):
+    """Preference pairs (shared prompts, the CPU attention loop) under DDP: the held-out numbers before the first
+    step are the single process's, so every held-out pair is scored exactly once across the two ranks."""
+    from tunesmith.train import train
+
+    rows = [{"prompt": f"question {i}: say something", "chosen": f"good answer {i % 5} yes",
+             "rejected": f"bad {i % 3} no no"} for i in range(21)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = make_cfg(data={"path": str(pairs), "format": "preference", "validation": 0.35},
+                   training={"objective": "dpo", "max_steps": 1}, evaluation={"inputs": [], "every_n_steps": 1})
+    cfg_file = tmp_path / "pairs.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    out = _run(cfg_file, tmp_path / "ddp")
+    assert "DDP x2" in out and "shared prompts:" in out
+    train(cfg, work_dir=tmp_path / "one", progress=False)
+
+    def before_training(work):
+        return next(json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(x)["step"] == 0)
+
+    ddp, one = before_training(tmp_path / "ddp"), before_training(tmp_path / "one")
+    assert ddp["val_preference_accuracy"] == one["val_preference_accuracy"]
+    assert abs(ddp["val_preference_margin"] - one["val_preference_margin"]) <= 1e-5
+    assert abs(ddp["val_logp_chosen"] - one["val_logp_chosen"]) <= 1e-4
