@@ -32,7 +32,7 @@ rests. Attention is no longer a set of separate blocks: the rejected rest attend
 the chosen rest. Such batches say so explicitly: `cu_seq_lens` (query segments: prefix + chosen rest, rejected
 rest, padding), `kv_index` (int64: for each segment in turn, the flat token indices of its keys: the segment itself,
 or the prefix then the rejected rest) and `cu_seq_lens_k` (int32 offsets into `kv_index`); only the packed
-attention of models/fast/attention.py reads them, and tests/models/fast/test_logps.py checks the result equals the
+attention reads them (models/fast/shared_prompt.py), and tests/models/fast/test_logps.py checks the result equals the
 plain layout's.
 
 Attention isolation: transformers 5 (masking_utils.find_packed_sequence_indices) derives a block-diagonal
@@ -151,6 +151,11 @@ def shared_prefix(chosen: Encoded, rejected: Encoded) -> int:
     return max(0, min([common, *scored]) - 1)
 
 
+def pair_tokens(samples: Sequence[Encoded], k: int, shared: Sequence[int] | None) -> int:
+    """The tokens pair ``k`` (samples 2k and 2k+1) takes in a row: both sequences, less what they hold once."""
+    return len(samples[2 * k].input_ids) + len(samples[2 * k + 1].input_ids) - (shared[k] if shared else 0)
+
+
 class PairDataset(PackedDataset):
     """Preference pairs in rows (module docstring): samples 2k and 2k+1 are pair k's chosen and rejected.
     ``shared``: per pair, the tokens its sequences hold once (``None``: the plain layout, each sequence whole)."""
@@ -162,8 +167,7 @@ class PairDataset(PackedDataset):
         super().__init__(samples, bins)
         self.shared = None if shared is None else list(shared)
         if self.shared is not None:
-            self.lengths = [sum(len(self.samples[i].input_ids) for i in b) - sum(self.shared[i // 2] for i in b[1::2])
-                            for b in self.bins]
+            self.lengths = [sum(pair_tokens(self.samples, i // 2, self.shared) for i in b[::2]) for b in self.bins]
 
     @property
     def num_pairs(self) -> int:
@@ -211,8 +215,7 @@ def pair_dataset(samples: Sequence[Encoded], max_length: int, *, pack: bool, see
     n = len(samples) // 2
     shared = [shared_prefix(samples[2 * k], samples[2 * k + 1]) for k in range(n)] if share_prompt else None
     if pack:
-        sizes = [len(samples[2 * k].input_ids) + len(samples[2 * k + 1].input_ids) - (shared[k] if shared else 0)
-                 for k in range(n)]
+        sizes = [pair_tokens(samples, k, shared) for k in range(n)]
         groups = pack_bins(sizes, PAIR_ROW_FACTOR * max_length, seed=seed)
     else:
         groups = [[k] for k in range(n)]

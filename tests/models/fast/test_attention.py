@@ -24,6 +24,7 @@ from tunesmith.models.fast import (
     PACKED_SDPA,
     attention,
     model_loss_sum,
+    varlen,
 )
 from tunesmith.models.fast.attention import (
     packing_from_position_ids,
@@ -91,7 +92,7 @@ def test_varlen_plumbing_matches_plain_with_an_emulated_kernel(monkeypatch, kv_h
     """The single-call path (layouts, cu_seqlens across rows, grouped heads, gradients) on CPU, with the flash
     kernel replaced by :func:`_reference_varlen`; the real kernel is checked by the gpu tests."""
     monkeypatch.setattr(attention, "packed_backend", lambda q, k, dropout=0.0: "varlen")
-    monkeypatch.setattr(attention, "_flash_forward", _reference_varlen)
+    monkeypatch.setattr(varlen, "flash_forward", _reference_varlen)
     batch = packed_batch()
     ref_model = lora(tiny_llama(kv_heads=kv_heads))
     fast_model = copy.deepcopy(ref_model)
@@ -111,10 +112,10 @@ def test_boundaries_handed_to_the_layers_match_plain_without_host_copies(monkeyp
     from tunesmith.data.pack import cu_seqlens_from_position_ids
 
     monkeypatch.setattr(attention, "varlen_possible", lambda device: True)
-    monkeypatch.setattr(attention, "_inputs_fit_varlen", lambda q, k, dropout: not dropout)
+    monkeypatch.setattr(attention, "inputs_fit_varlen", lambda q, k, dropout: not dropout)
     seen = []
     monkeypatch.setattr(
-        attention, "_flash_forward", lambda q, k, v, cu, *rest: seen.append(cu) or _reference_varlen(q, k, v, cu, *rest)
+        varlen, "flash_forward", lambda q, k, v, cu, *rest: seen.append(cu) or _reference_varlen(q, k, v, cu, *rest)
     )
     copies = []
     real_copy = attention._host_copy
@@ -151,7 +152,7 @@ def test_packing_kwargs_only_for_packed_rows_the_kernel_can_take(monkeypatch):
 
 def test_varlen_call_matches_the_ops_schema_on_meta_tensors():
     """The real op, shapes only (meta tensors): argument order, output layout and its backward."""
-    assert attention.flash_varlen_available()
+    assert varlen.flash_varlen_available()
     b, h, length, d = 2, 4, 12, 16
     q = torch.randn(b, length, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
     kv = torch.randn(b, length, 2, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
@@ -172,7 +173,7 @@ def test_packed_backend_choice(monkeypatch):
     if torch.cuda.is_available():
         qc = q.cuda().bfloat16()
         assert attention.packed_backend(qc, qc, dropout=0.1) == "loop"
-        monkeypatch.setattr(attention, "BACKEND", "loop")
+        monkeypatch.setattr(varlen, "BACKEND", "loop")
         assert attention.packed_backend(qc, qc) == "loop"
 
 
@@ -181,8 +182,8 @@ def test_varlen_failure_falls_back_to_the_loop(monkeypatch, caplog):
         raise RuntimeError("no kernel image is available for execution on the device")
 
     monkeypatch.setattr(attention, "packed_backend", lambda q, k, dropout=0.0: "varlen")
-    monkeypatch.setattr(attention, "_flash_forward", broken)
-    monkeypatch.setattr(attention, "_varlen_broken", None)
+    monkeypatch.setattr(varlen, "flash_forward", broken)
+    monkeypatch.setattr(varlen, "_varlen_broken", None)
     model = tiny_llama()
     batch = packed_batch()
     with torch.no_grad():
@@ -190,7 +191,7 @@ def test_varlen_failure_falls_back_to_the_loop(monkeypatch, caplog):
         set_attention(model, PACKED_SDPA)
         fast = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    assert attention._varlen_broken and "no kernel image" in attention._varlen_broken
+    assert varlen._varlen_broken and "no kernel image" in varlen._varlen_broken
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -253,7 +254,7 @@ def test_gpu_varlen_kernel_matches_per_sample_sdpa(kv_heads):
     outputs and q / k / v gradients."""
     if attention.packed_backend(torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16),
                                 torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)) != "varlen":
-        pytest.skip(f"varlen flash kernel not usable here ({attention._varlen_broken or 'see packed_backend'})")
+        pytest.skip(f"varlen flash kernel not usable here ({varlen._varlen_broken or 'see packed_backend'})")
     torch.manual_seed(0)
     batch = gpu_batch()
     pos = batch["position_ids"]
@@ -283,10 +284,10 @@ def test_gpu_packed_attention_uses_varlen_and_matches_plain_with_grouped_heads(m
     ref = copy.deepcopy(plain).float()
     set_attention(fast, PACKED_SDPA)
     q = torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
-    assert attention.packed_backend(q, q) == "varlen", attention._varlen_broken
+    assert attention.packed_backend(q, q) == "varlen", varlen._varlen_broken
     calls = []
-    real = attention._flash_forward
-    monkeypatch.setattr(attention, "_flash_forward", lambda *a: calls.append(1) or real(*a))
+    real = varlen.flash_forward
+    monkeypatch.setattr(varlen, "flash_forward", lambda *a: calls.append(1) or real(*a))
     check_against_fp32(plain, fast, ref, gpu_batch(), {"chunked": False})
-    assert attention._varlen_broken is None
+    assert varlen._varlen_broken is None
     assert len(calls) == 2  # one call per layer for the one forward pass of the fast model

@@ -13,7 +13,7 @@ from tests.models.fast.helpers import gpu_models, grads, lora, rel_err, tiny_lla
 from tunesmith.data.encode import Encoded
 from tunesmith.data.pack import collate, pair_dataset
 from tunesmith.errors import TunesmithError
-from tunesmith.models.fast import attention
+from tunesmith.models.fast import attention, shared_prompt, varlen
 from tunesmith.models.fast.attention import PACKED_SDPA, set_attention
 from tunesmith.models.fast.logps import sequence_logps, token_logps
 
@@ -147,9 +147,9 @@ def test_shared_prompt_rows_score_like_the_plain_layout(monkeypatch, packed, ker
     if kernel != "loop":
         from tests.models.fast.test_attention import _reference_varlen
 
-        monkeypatch.setattr(attention, "varlen_possible", lambda device: True)
-        monkeypatch.setattr(attention, "_inputs_fit_varlen", lambda q, k, dropout: True)
-        monkeypatch.setattr(attention, "_flash_forward", _reference_varlen)
+        monkeypatch.setattr(shared_prompt, "varlen_possible", lambda device: True)
+        monkeypatch.setattr(shared_prompt, "inputs_fit_varlen", lambda q, k, dropout: True)
+        monkeypatch.setattr(varlen, "flash_forward", _reference_varlen)
     samples = prompted_pairs()
     plain_batch, shared_batch = layouts(samples, packed)
     held = [int((b["sequence_ids"] >= 0).sum()) for b, _, _ in (plain_batch, shared_batch)]
@@ -184,7 +184,7 @@ def test_gpu_shared_prompt_rows_match_the_plain_layout():
     samples = prompted_pairs(pairs=((120, 80, 60), (1, 50, 70), (64, 100, 30)), vocab=1000)
     plain_batch, shared_batch = layouts(samples, True, device="cuda")
     q = torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
-    assert attention.packed_backend(q, q) == "varlen", attention._varlen_broken
+    assert attention.packed_backend(q, q) == "varlen", varlen._varlen_broken
 
     def run(model, batch):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype != torch.float32):
@@ -193,7 +193,7 @@ def test_gpu_shared_prompt_rows_match_the_plain_layout():
     ref_logps, _, ref_grads = run(ref, plain_batch)
     plain_logps, _, plain_grads = run(plain_model, plain_batch)
     fast_logps, _, fast_grads = run(fast, shared_batch)
-    assert attention._varlen_broken is None
+    assert varlen._varlen_broken is None
     plain_err = (plain_logps - ref_logps).abs().max().item()
     assert (fast_logps - ref_logps).abs().max().item() <= 2 * plain_err + 1e-2
     assert rel_err(fast_grads, ref_grads) <= 2 * rel_err(plain_grads, ref_grads) + 1e-3

@@ -16,7 +16,9 @@ the counts as a :class:`FastPaths` record, which the loop keeps, prints in one l
 ===========================  =========================================================  =================
 ``speed`` key                what it does                                               where
 ===========================  =========================================================  =================
-``packed_attention``         one varlen flash-attention call per layer, packed rows     ``attention.py``
+``packed_attention``         one varlen flash-attention call per layer, packed rows     ``attention.py``,
+                             (and pair rows holding a shared prompt once)               ``varlen.py``,
+                                                                                        ``shared_prompt.py``
 ``liger_kernel`` auto/on/off liger RMSNorm + SwiGLU modules; fused linear CE in loss     ``kernels.py``
 ``chunked_loss``             CE in chunks, ignored targets dropped before the head      ``loss.py``
 ``compile`` auto/on/off      ``torch.compile`` of each decoder layer (auto: see         here

@@ -22,8 +22,8 @@ Backends, chosen per call (:func:`packed_backend`):
   because the public wrapper changed signature in every release (``is_causal=`` in 2.9, ``window_size=`` from
   2.10, ``enable_gqa=`` from 2.12) and some builds route it to cuDNN, which builds a new cuDNN graph for every
   new set of sample lengths (pytorch/pytorch#187770): ruinous when every packed batch is different. The op's
-  presence and schema are checked once (:func:`flash_varlen_available`); if the call fails at run time the
-  path logs one warning and falls back for the rest of the process.
+  presence and schema are checked once; if the call fails at run time the path logs one warning and falls back
+  for the rest of the process (varlen.py holds the kernel and those checks).
 * ``loop``: anywhere else (CPU, fp32, old torch): plain causal SDPA once per sample, results concatenated.
   Exact, but one SDPA call per sample per layer; on an H200 at 7B / 2048 tokens it measured 11 % slower than
   transformers' masked path, so it is only the fallback.
@@ -32,14 +32,13 @@ Backends, chosen per call (:func:`packed_backend`):
   pads batches that are not packed).
 
 ``TUNESMITH_PACKED_ATTENTION=loop`` forces the loop (debugging, comparisons). ``speed.packed_attention``
-switches the whole path; exactness against the plain path is in tests/models/fast/test_attention.py.
+switches the whole path; exactness against the plain path is in tests/models/fast/test_attention.py. Pair
+batches whose shared prompt is held once take shared_prompt.py's path.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -47,14 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.models.fast.shared_prompt import shared_prompt_attention, shared_prompt_kwargs
+from tunesmith.models.fast.varlen import (
+    flash_forward_bhld,
+    inputs_fit_varlen,
+    varlen_failed,
+    varlen_possible,
+)
+
 PACKED_SDPA = "tunesmith_packed_sdpa"
 
-log = logging.getLogger(__name__)
-
 _registered = False
-# "auto" (varlen where it can run, else the loop) or "loop"; read once, tests may set it
-BACKEND = os.environ.get("TUNESMITH_PACKED_ATTENTION", "auto").strip().lower() or "auto"
-_varlen_broken: str | None = None  # set when the varlen kernel failed once: the loop is used from then on
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def packing_kwargs(batch: dict) -> dict:
     if position_ids is None or batch.get("attention_mask") is not None:
         return {}
     if batch.get("kv_index") is not None:
-        return _shared_prompt_kwargs(batch, position_ids)
+        return shared_prompt_kwargs(batch, position_ids)
     if not varlen_possible(position_ids.device):
         return {}
     rows = batch["input_ids"].shape[0]
@@ -147,79 +149,13 @@ def packing_kwargs(batch: dict) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
 
 
-def _shared_prompt_kwargs(batch: dict, position_ids: torch.Tensor) -> dict:
-    """A batch with shared prompts (data/pack.py) names each segment's keys itself; every path needs that (the
-    block mask read from positions would be wrong), so it is passed on whatever the backend, with whether the varlen
-    kernel may run (decided here, on the host, so compiled layers only read a flag)."""
-    device = position_ids.device
-    out = {name: batch[key].to(device, non_blocking=True)
-           for name, key in (("cu_seq_lens_q", "cu_seq_lens"), ("cu_seq_lens_k", "cu_seq_lens_k"),
-                             ("kv_index", "kv_index"))}
-    for t in out.values():
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-    length = position_ids.shape[-1]  # a bound on every query and key segment: a rejected rest and its prefix are
-    # shorter than the row that also holds the chosen rest
-    return {**out, "max_length_q": length, "max_length_k": length, "shared_varlen": varlen_possible(device)}
-
-
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
-# ------------------------------------------------------------------------------------------------ kernels
-
-
-_FLASH_SCHEMA_ARGS = ("query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal")
-_flash_checked: bool | None = None
-_capability_ok: dict[int, bool] = {}
-
-
-def flash_varlen_available() -> bool:
-    """True when this torch has the variable-length flash-attention op with the arguments used here."""
-    global _flash_checked
-    if _flash_checked is None:
-        try:
-            op = torch.ops.aten._flash_attention_forward.default
-            names = [a.name for a in op._schema.arguments]
-            _flash_checked = list(names[: len(_FLASH_SCHEMA_ARGS)]) == list(_FLASH_SCHEMA_ARGS) and "scale" in names
-        except (AttributeError, RuntimeError):
-            _flash_checked = False
-    return _flash_checked
-
-
-def _capability_supported(device: torch.device) -> bool:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capability_ok:
-        _capability_ok[index] = torch.cuda.get_device_capability(index) >= (8, 0)
-    return _capability_ok[index]
-
-
-def varlen_possible(device: torch.device) -> bool:
-    """Whether the varlen kernel can run on ``device`` at all (CUDA, sm80+, the op present, not switched off or
-    broken); what the inputs must also satisfy is :func:`_inputs_fit_varlen`."""
-    return (
-        BACKEND != "loop"
-        and _varlen_broken is None
-        and device.type == "cuda"
-        and flash_varlen_available()
-        and _capability_supported(device)
-    )
-
-
-def _inputs_fit_varlen(query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
-    head_dim = query.shape[-1]
-    return (
-        query.dtype in (torch.float16, torch.bfloat16)
-        and key.dtype == query.dtype
-        and head_dim % 8 == 0
-        and head_dim <= 256
-        and not dropout
-    )
-
-
 def packed_backend(query: torch.Tensor, key: torch.Tensor, dropout: float = 0.0) -> str:
     """``"varlen"`` when the single-call flash kernel can run these inputs, else ``"loop"``."""
-    if varlen_possible(query.device) and _inputs_fit_varlen(query, key, dropout):
+    if varlen_possible(query.device) and inputs_fit_varlen(query, key, dropout):
         return "varlen"
     return "loop"
 
@@ -229,83 +165,7 @@ def flash_varlen(
 ) -> torch.Tensor:
     """Causal attention of every packed sample in one call. q ``[B, Hq, L, D]``, k / v ``[B, Hkv, L, D]``
     (grouped heads are handled by the kernel) -> ``[B, L, Hq, D]``."""
-    return _flash_forward_bhld(query, key, value, packing.cu_seqlens, packing.max_len, scale)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``[B, H, L, D]`` -> ``[B * L, H, D]``: a free view when it was transposed from ``[B, L, H, D]`` (HF does)."""
-    b, h, length, d = t.shape
-    return t.transpose(1, 2).reshape(b * length, h, d)
-
-
-def _flash_forward_bhld(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None,
-    shared: dict | None = None,
-) -> torch.Tensor:
-    """``shared``: the kwargs of a batch with shared prompts: keys gathered segment by segment (``kv_index``),
-    their own offsets ``cu_seq_lens_k``."""
-    b, hq, length, _ = query.shape
-    q, k, v = _flat(query).contiguous(), _flat(key), _flat(value)
-    cu_k, max_k = cu, max_len
-    if shared is not None:
-        k, v = k.index_select(0, shared["kv_index"]), v.index_select(0, shared["kv_index"])
-        cu_k, max_k = shared["cu_seq_lens_k"], shared["max_length_k"]
-    out = _flash_forward(q, k.contiguous(), v.contiguous(), cu, cu_k, max_len, max_k, scale)
-    return out.view(b, length, hq, out.shape[-1])
-
-
-def _flash_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
-    max_k: int, scale: float | None
-) -> torch.Tensor:
-    """``[Tq, Hq, D]`` causal attention of each ``cu_q`` segment over the same ``cu_k`` segment of the keys (dropout
-    0, no debug mask). Where a segment has more keys than queries the kernel aligns the causal mask to the bottom
-    right: query i sees every key up to ``i + keys - queries``, the rejected rest seeing its whole shared prefix."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
-                                                   scale=scale)[0]
-
-
-@torch.compiler.disable  # host-side segment lists: runs eagerly even inside a compiled layer
-def shared_loop_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared: dict, scale: float | None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """The fallback for shared prompts (CPU, fp32, ...): SDPA once per segment over its gathered keys, with the
-    bottom-right causal mask of :func:`_flash_forward`. Same shapes as :func:`flash_varlen`."""
-    b, hq, length, _ = query.shape
-    groups = hq // key.shape[1]
-    q = _flat(query)
-    k, v = _flat(key).index_select(0, shared["kv_index"]), _flat(value).index_select(0, shared["kv_index"])
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    parts = []
-    q_bounds, k_bounds = shared["cu_seq_lens_q"].tolist(), shared["cu_seq_lens_k"].tolist()
-    for (q0, q1), (k0, k1) in zip(itertools.pairwise(q_bounds), itertools.pairwise(k_bounds)):
-        nq, nk = q1 - q0, k1 - k0
-        mask = None if nq == nk else torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
-        out = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
-                                             v[k0:k1].transpose(0, 1), attn_mask=mask, dropout_p=dropout,
-                                             is_causal=mask is None, scale=scale)
-        parts.append(out.transpose(0, 1))
-    return torch.cat(parts).view(b, length, hq, -1)
-
-
-def shared_prompt_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shared: dict, scale: float | None,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Attention of a batch with shared prompts: the varlen kernel over gathered keys where it can run, else the
-    per-segment loop."""
-    if shared["shared_varlen"] and _inputs_fit_varlen(query, key, dropout):
-        if torch.compiler.is_compiling():  # no try / except inside a compiled graph
-            return _flash_forward_bhld(query, key, value, shared["cu_seq_lens_q"], shared["max_length_q"], scale,
-                                       shared)
-        try:
-            return _flash_forward_bhld(query, key, value, shared["cu_seq_lens_q"], shared["max_length_q"], scale,
-                                       shared)
-        except RuntimeError as exc:
-            _varlen_failed(exc)
-    return shared_loop_attention(query, key, value, shared, scale, dropout)
+    return flash_forward_bhld(query, key, value, packing.cu_seqlens, packing.max_len, scale)
 
 
 def loop_attention(
@@ -364,8 +224,8 @@ def packed_sdpa_attention_forward(
         # kernel when the boundaries came in as arguments, else transformers' masked SDPA (its mask holds the
         # packing): exact either way
         # (packing_kwargs passes the boundaries only where varlen_possible: nothing host-side is asked here)
-        if cu is not None and causal and self_attention and _inputs_fit_varlen(query, key, dropout):
-            return _flash_forward_bhld(query, key, value, cu, kwargs["max_length_q"], scaling), None
+        if cu is not None and causal and self_attention and inputs_fit_varlen(query, key, dropout):
+            return flash_forward_bhld(query, key, value, cu, kwargs["max_length_q"], scaling), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -374,9 +234,9 @@ def packed_sdpa_attention_forward(
     if causal and self_attention:
         if cu is not None and packed_backend(query, key, dropout) == "varlen":
             try:
-                return _flash_forward_bhld(query, key, value, cu, kwargs["max_length_q"], scaling), None
+                return flash_forward_bhld(query, key, value, cu, kwargs["max_length_q"], scaling), None
             except RuntimeError as exc:
-                _varlen_failed(exc)
+                varlen_failed(exc)
         if position_ids is not None and query.shape[2] == position_ids.shape[-1]:
             packing = packing_from_position_ids(position_ids, query.shape[0])
     if packing is None:
@@ -387,15 +247,8 @@ def packed_sdpa_attention_forward(
         try:
             return flash_varlen(query, key, value, packing, scaling), None
         except RuntimeError as exc:
-            _varlen_failed(exc)
+            varlen_failed(exc)
     return loop_attention(query, key, value, packing, scaling, dropout), None
-
-
-def _varlen_failed(exc: RuntimeError) -> None:
-    """A build without the kernel for this GPU / shape: fall back to the loop for the rest of the process."""
-    global _varlen_broken
-    _varlen_broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    log.warning("packed attention: the varlen flash kernel failed (%s); using per-sample SDPA", _varlen_broken)
 
 
 def register_packed_attention() -> str:
@@ -409,6 +262,11 @@ def register_packed_attention() -> str:
         AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
         _registered = True
     return PACKED_SDPA
+
+
+def runs_packed_attention(decoder: nn.Module) -> bool:
+    """Whether ``decoder`` (a transformers model, not a peft wrapper) attends through :data:`PACKED_SDPA`."""
+    return getattr(getattr(decoder, "config", None), "_attn_implementation", None) == PACKED_SDPA
 
 
 def set_attention(model: nn.Module, implementation: str) -> None:

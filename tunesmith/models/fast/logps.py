@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.errors import TunesmithError
-from tunesmith.models.fast.attention import PACKED_SDPA, packing_kwargs
+from tunesmith.models.fast.attention import runs_packed_attention
 from tunesmith.models.fast.loss import (
     IGNORE_INDEX,
     auto_chunk_size,
+    decoder_inputs,
     is_partitioned,
     shifted_targets,
     split_decoder_and_head,
@@ -113,18 +114,12 @@ def sequence_logps(model: nn.Module, batch: dict, *, chunked: bool = True, chunk
     Returns ``(logps, tokens)``: fp32 ``[S]`` (with grad when the model has trainable parameters) and int64 ``[S]``,
     ``S = 2 * batch["num_pairs"]``, in ``sequence_ids`` order (chosen, rejected, chosen, ...). Extra keyword
     options of the SFT loss (``use_liger``) are accepted and have no effect here."""
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    for key in ("position_ids", "attention_mask"):
-        if batch.get(key) is not None:
-            kwargs[key] = batch[key]
     decoder, head = split_decoder_and_head(model)
-    if getattr(decoder.config, "_attn_implementation", None) == PACKED_SDPA:
-        kwargs.update(packing_kwargs(batch))
-    elif batch.get("kv_index") is not None:
+    if batch.get("kv_index") is not None and not runs_packed_attention(decoder):
         raise TunesmithError("these pairs hold their shared prompt once, which only tunesmith's packed attention reads",
                              "set preference.share_prompt=false, or speed.packed_attention=true with "
                              "model.attn_implementation auto or sdpa")
-    hidden_states = decoder(**kwargs).last_hidden_state
+    hidden_states = decoder(**decoder_inputs(decoder, batch)).last_hidden_state
     targets = shifted_targets(batch["labels"], batch.get("position_ids"), ignore_index).reshape(-1)
     owners = batch["sequence_ids"][:, 1:].reshape(-1)
     keep = (targets != ignore_index).nonzero().squeeze(1)
@@ -153,7 +148,7 @@ def score_pairs(model: nn.Module, samples: Sequence, *, batch_size: int = 8, pad
     ``progress(n)`` after each batch with its number of pairs."""
     from tunesmith.data.pack import collate, pair_dataset
 
-    share = getattr(split_decoder_and_head(model)[0].config, "_attn_implementation", None) == PACKED_SDPA
+    share = runs_packed_attention(split_decoder_and_head(model)[0])
     rows = pair_dataset(samples, max(len(s.input_ids) for s in samples), pack=False, seed=None,  # row k: pair k
                         share_prompt=share)
     order = sorted(range(len(rows)), key=lambda k: (-rows.lengths[k], k))

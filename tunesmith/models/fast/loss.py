@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.models.fast.attention import PACKED_SDPA, packing_kwargs
+from tunesmith.models.fast.attention import packing_kwargs, runs_packed_attention
 
 IGNORE_INDEX = -100
 
@@ -213,6 +213,19 @@ def split_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def decoder_inputs(decoder: nn.Module, batch: dict) -> dict:
+    """The decoder's keyword arguments for a batch of the data contract: ``input_ids``, ``position_ids`` and
+    ``attention_mask`` where given, no cache, and under packed attention the sample boundaries (found once here,
+    not in every layer)."""
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    for key in ("position_ids", "attention_mask"):
+        if batch.get(key) is not None:
+            kwargs[key] = batch[key]
+    if runs_packed_attention(decoder):
+        kwargs.update(packing_kwargs(batch))
+    return kwargs
+
+
 def model_loss_sum(
     model: nn.Module,
     batch: dict,
@@ -228,15 +241,9 @@ def model_loss_sum(
     ``chunked=False`` is the plain path (full logits through the model's head, then one cross-entropy);
     both give the same numbers.
     """
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    for key in ("position_ids", "attention_mask"):
-        if batch.get(key) is not None:
-            kwargs[key] = batch[key]
     labels = batch["labels"]
     decoder, head = split_decoder_and_head(model)
-    if getattr(decoder.config, "_attn_implementation", None) == PACKED_SDPA:
-        kwargs.update(packing_kwargs(batch))  # sample boundaries found once, not in every layer
-    hidden = decoder(**kwargs).last_hidden_state
+    hidden = decoder(**decoder_inputs(decoder, batch)).last_hidden_state
     if chunked:
         return causal_lm_loss_sum(
             hidden,
