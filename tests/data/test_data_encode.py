@@ -206,3 +206,46 @@ def test_cut_at_stop_is_where_the_streaming_matcher_stops():
         hit = StopMatcher(words).feed(text)
         streamed = hit.text if isinstance(hit, StopHit) else text
         assert cut_at_stop(text, words) == streamed
+
+
+def _python_only_tokenizer():
+    """A character-level tokenizer on transformers' Python backend (like a remote-code sentencepiece one): it
+    returns no offsets, and transformers 5 ignores ``return_offsets_mapping`` instead of refusing it."""
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):
+        def __init__(self, **kwargs):
+            chars = ["<unk>", "<s>", "</s>", "\n", *(chr(c) for c in range(32, 127))]
+            self.vocab = {c: i for i, c in enumerate(chars)}
+            super().__init__(unk_token="<unk>", bos_token="<s>", eos_token="</s>", **kwargs)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return next((c for c, i in self.vocab.items() if i == index), "<unk>")
+
+        def convert_tokens_to_string(self, tokens):
+            return "".join(tokens)
+
+    return CharTokenizer()
+
+
+def test_a_python_only_tokenizer_takes_the_path_without_offsets():
+    tok = _python_only_tokenizer()
+    assert "offset_mapping" not in tok("a", return_offsets_mapping=True)  # ignored, not refused
+    assert tokenizer_info(tok).fast is False
+    sample = encode_conversation(TURNS, tok, "chatml")
+    assert sample.input_ids.tolist() == tok(render_conversation(TURNS, tok, "chatml").text,
+                                            add_special_tokens=False)["input_ids"]
+    assert loss_text(tok, sample) == "".join(f"{t.output}<|im_end|>" for t in TURNS)  # the newline after is not trained

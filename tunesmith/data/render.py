@@ -46,8 +46,8 @@ def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
     specials = tuple(sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len,
                             reverse=True))
     try:
-        tokenizer("a", add_special_tokens=False, return_offsets_mapping=True)
-        fast = True
+        # transformers 5's Python-only tokenizers ignore the request instead of refusing it: look for the offsets
+        fast = "offset_mapping" in tokenizer("a", add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
         fast = False
     info = TokenizerInfo(tokenizer.bos_token if adds_bos else "", tokenizer.eos_token or "", specials, fast)
