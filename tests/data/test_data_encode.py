@@ -147,17 +147,23 @@ def test_pretrain_text_is_split_not_cut(bos_tok):
     assert samples[0].labels[0] == IGNORE_INDEX and samples[-1].labels[-1] == bos_tok.eos_token_id
 
 
-def test_tokenizer_without_offsets_encodes_the_same(smol_tok, monkeypatch):
+@pytest.mark.parametrize("name,template", [("smollm2", "chatml"), ("internlm", "internlm_chat")])
+def test_tokenizer_without_offsets_encodes_the_same(smol_tok, tiny_internlm, monkeypatch, name, template):
+    """The path for tokenizers without offsets gives the ids and labels of the offsets path, sentencepiece (a dummy
+    prefix, which a piece-by-piece tokenization would repeat at every piece) included."""
     import dataclasses
 
     import tunesmith.data.encode as enc
+    from tunesmith.models import load_tokenizer
 
+    tok = smol_tok if name == "smollm2" else load_tokenizer(tiny_internlm)
     turns = [Turn("Hi", "Hello there!", "Sys"), Turn("More?", "Sure thing.")]
-    fast = encode_conversation(turns, smol_tok, "chatml")
-    slow_info = dataclasses.replace(tokenizer_info(smol_tok), fast=False)
+    fast = encode_conversation(turns, tok, template)
+    slow_info = dataclasses.replace(tokenizer_info(tok), fast=False)
     monkeypatch.setattr(enc, "tokenizer_info", lambda tok: slow_info)
-    slow = encode_conversation(turns, smol_tok, "chatml")
+    slow = encode_conversation(turns, tok, template)
     assert slow.input_ids.tolist() == fast.input_ids.tolist() and slow.labels.tolist() == fast.labels.tolist()
+    assert "thing." in loss_text(tok, slow) and "More?" not in loss_text(tok, slow)
 
 
 def test_every_builtin_recipe_names_a_known_format_and_template():
@@ -249,3 +255,23 @@ def test_a_python_only_tokenizer_takes_the_path_without_offsets():
     assert sample.input_ids.tolist() == tok(render_conversation(TURNS, tok, "chatml").text,
                                             add_special_tokens=False)["input_ids"]
     assert loss_text(tok, sample) == "".join(f"{t.output}<|im_end|>" for t in TURNS)  # the newline after is not trained
+
+
+def test_a_token_across_the_reply_start_is_prompt_on_both_paths(tiny_qwen2, monkeypatch):
+    """deepseek_v2's prompt ends in "Assistant: " and a reply "s are" starts inside the merged token " s": with
+    offsets that token starts in the prompt and carries no loss; the path without offsets must agree."""
+    import dataclasses
+
+    import tunesmith.data.encode as enc
+    from tunesmith.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_qwen2)
+    turns = [Turn("Hi", "s are"), Turn("Hello there", "s are")]
+    rendered = render_conversation(turns, tok, "deepseek_v2")
+    offsets = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert any(s < a < e for a, _ in rendered.spans for s, e in offsets)  # the case this test is about
+    fast = encode_conversation(turns, tok, "deepseek_v2")
+    slow_info = dataclasses.replace(tokenizer_info(tok), fast=False)
+    monkeypatch.setattr(enc, "tokenizer_info", lambda t: slow_info)
+    slow = encode_conversation(turns, tok, "deepseek_v2")
+    assert slow.input_ids.tolist() == fast.input_ids.tolist() and slow.labels.tolist() == fast.labels.tolist()

@@ -265,13 +265,8 @@ def test_the_config_system_prompt_goes_into_both_sequences(toks):
         assert tok.decode(s.input_ids.tolist()).startswith("<|im_start|>system\nAnswer in French.<|im_end|>")
 
 
-# _encode_slow tokenizes piece by piece; a sentencepiece tokenizer with a dummy prefix adds "▁" at every piece
-SLOW_SENTENCEPIECE = pytest.mark.xfail(strict=True, reason="encode._encode_slow: sentencepiece adds its dummy prefix "
-                                       "at each piece, so ids differ from whole-text tokenization (SFT too)")
-
-
 @pytest.mark.parametrize("name,template", [("qwen2", "auto"), ("llama", "chatml"), ("llama", "auto"),
-                                           pytest.param("internlm", "internlm_chat", marks=SLOW_SENTENCEPIECE)])
+                                           ("internlm", "internlm_chat")])
 def test_tokenizer_without_offsets_encodes_pairs_the_same(toks, monkeypatch, name, template):
     tok = toks[name]
     fast, fast_stats = encode_pairs(PAIRS, tok, template, max_length=60)

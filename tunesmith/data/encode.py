@@ -23,6 +23,7 @@ Stop words (`stop_words_for`, `cut_at_stop`) live in `tunesmith.data.stopwords`.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from tunesmith.data.templates import Template, get_template
 from tunesmith.errors import TunesmithError
 
 IGNORE_INDEX = -100
-ENCODE_VERSION = 2  # bump when the encoding of the same inputs changes (invalidates caches)
+ENCODE_VERSION = 3  # bump when the encoding of the same inputs changes (invalidates caches)
 
 
 @dataclass(frozen=True)
@@ -102,20 +103,32 @@ def _tokenize(tokenizer: Any, texts: list[str], info: TokenizerInfo) -> list[tup
 
 
 def _encode_slow(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """No offsets (slow tokenizer): tokenize piece by piece along span and turn boundaries."""
-    cuts = sorted({0, len(rendered.text), *rendered.turn_starts, *(c for s in rendered.spans for c in s)})
-    ids, labels, char_starts = [], [], []
-    for a, b in zip(cuts, cuts[1:], strict=False):
-        piece = rendered.text[a:b]
-        if not piece:
-            continue
-        pids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        loss = any(s <= a < e for s, e in rendered.spans)
-        ids += pids
-        labels += pids if loss else [IGNORE_INDEX] * len(pids)
-        char_starts += [a] * len(pids)
-    return (np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
-            np.stack([np.asarray(char_starts, dtype=np.int64)] * 2, axis=1).reshape(-1, 2))
+    """No offsets (a tokenizer on transformers' Python backend): the whole text is tokenized once, so the ids are
+    the ones the model gets at inference (a piece-by-piece tokenization would not be: sentencepiece adds its dummy
+    prefix to every piece). Each span and turn boundary is then placed by tokenizing the text before it: the tokens
+    it shares with the whole text lie before the boundary, and so does a token that straddles it (it starts there,
+    which is the offsets path's rule too). Every token of a piece gets the piece's start as its character offset."""
+    text = rendered.text
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = np.asarray(whole, dtype=np.int32)
+    cuts = sorted({0, len(text), *rendered.turn_starts, *(c for s in rendered.spans for c in s)})
+    bounds = [0]
+    for c in cuts[1:]:
+        if c >= len(text):
+            n = len(ids)
+        else:
+            head = np.asarray(tokenizer(text[:c], add_special_tokens=False)["input_ids"], dtype=np.int32)
+            m = min(len(head), len(ids))
+            differ = np.flatnonzero(head[:m] != ids[:m])
+            n = int(differ[0]) + 1 if differ.size else m  # a straddling token starts before c: it goes there
+        bounds.append(max(n, bounds[-1]))
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    char_starts = np.zeros(len(ids), dtype=np.int64)
+    for (a, _), (i, j) in zip(itertools.pairwise(cuts), itertools.pairwise(bounds), strict=True):
+        if any(s <= a < e for s, e in rendered.spans):
+            labels[i:j] = ids[i:j]
+        char_starts[i:j] = a
+    return ids, labels, np.stack([char_starts, char_starts], axis=1)
 
 
 def _finish(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rendered: Rendered, max_length: int | None,

@@ -187,7 +187,7 @@ def encode_pairs(pairs: Iterable[Sequence[Turn]], tokenizer: Any, template: Temp
         if info.fast:
             encoded = [_labels_from_offsets(ids, offsets, r.spans) for r, (ids, offsets) in
                        zip(rendered, _tokenize(tokenizer, [r.text for r in rendered], info), strict=True)]
-        else:  # no offsets: tokenized piece by piece along the loss boundaries
+        else:  # no offsets: boundaries found by tokenizing the text before each
             encoded = [_encode_slow(r, tokenizer)[:2] for r in rendered]
         for k in range(0, len(encoded), 2):
             pair = []
