@@ -102,6 +102,13 @@ def _tokenize(tokenizer: Any, texts: list[str], info: TokenizerInfo) -> list[tup
     return [(tokenizer(t, add_special_tokens=False)["input_ids"], None) for t in texts]
 
 
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading ids two id arrays share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
 def _encode_slow(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """No offsets (a tokenizer on transformers' Python backend): the whole text is tokenized once, so the ids are
     the ones the model gets at inference (a piece-by-piece tokenization would not be: sentencepiece adds its dummy
@@ -120,9 +127,9 @@ def _encode_slow(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.nda
             n = len(ids)
         else:
             head = np.asarray(tokenizer(text[:c], add_special_tokens=False)["input_ids"], dtype=np.int32)
-            m = min(len(head), len(ids))
-            differ = np.flatnonzero(head[:m] != ids[:m])
-            n = int(differ[0]) + 1 if differ.size else m  # a straddling token starts before c: it goes there
+            n = common_prefix_length(head, ids)
+            if n < min(len(head), len(ids)):
+                n += 1  # the first token that differs straddles c and starts before it: it goes there
         bounds.append(max(n, bounds[-1]))
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
     char_starts = np.zeros(len(ids), dtype=np.int64)

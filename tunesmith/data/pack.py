@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tunesmith.data.encode import IGNORE_INDEX, Encoded
+from tunesmith.data.encode import IGNORE_INDEX, Encoded, common_prefix_length
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -142,10 +142,7 @@ PAIR_ROW_FACTOR = 2  # a packed row of pairs holds this many times data.max_leng
 def shared_prefix(chosen: Encoded, rejected: Encoded) -> int:
     """How many leading tokens a pair's two sequences can hold once: their common start, stopped one token short of
     its end and of the first scored token (module docstring); 0 when there is nothing to share."""
-    a, b = chosen.input_ids, rejected.input_ids
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    common = int(differ[0]) if differ.size else n
+    common = common_prefix_length(chosen.input_ids, rejected.input_ids)
     scored = [int(np.flatnonzero(x.labels != IGNORE_INDEX)[0]) for x in (chosen, rejected)
               if (x.labels != IGNORE_INDEX).any()]
     return max(0, min([common, *scored]) - 1)
