@@ -19,7 +19,7 @@ Greedy decoding gives the same tokens as `model.generate(do_sample=False)`; samp
 the order transformers does (repetition penalty, temperature, top-k, top-p) with a seeded `torch.Generator`.
 
 The cache is kept between calls: when a new prompt starts with the ids already in the cache (the chat history),
-only the new ids are prefilled.
+only the new ids are prefilled (kv_cache.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tunesmith.infer.detok import StreamDecoder
+from tunesmith.infer.kv_cache import PromptCache
 from tunesmith.infer.model_kind import (
     cache_kwarg,
     inductor_has,
@@ -84,13 +85,11 @@ class Generator:
         self._cache_kw = cache_kwarg(self.model)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_positions = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
-        self._cache = None
-        self._cache_len = 0  # capacity of a static cache
-        self._cached_ids: list[int] = []  # ids whose keys/values are in the cache, in order
-        self._compiled: dict[bool, Callable] = {}
+        self._compiled: dict[bool, Callable] = {}  # decode steps recorded / compiled over the current cache
+        self.kv = PromptCache(self.model, static=mode != "plain", max_positions=self.max_positions,
+                              on_new=self._compiled.clear)
         self.eos_token_ids = self._default_eos_ids()
 
-    # ------------------------------------------------------------------ cache
     def _default_eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
@@ -102,79 +101,15 @@ class Generator:
 
     def reset(self) -> None:
         """Forget the cached keys/values (the next prompt is prefilled from scratch)."""
-        if self._cache is not None and self.mode != "plain":
-            try:
-                self._crop(int(self._cache.get_seq_length()))
-            except RuntimeError:
-                self._cache = None
-        else:
-            self._cache = None
-        self._cached_ids = []
+        self.kv.reset()
 
     def reserve(self, n_tokens: int) -> None:
         """Allocate a static cache for `n_tokens` now (so the compiled step is built once for that size)."""
-        if self.mode != "plain" and (self._cache is None or self._cache_len < n_tokens):
-            self._cache = self._new_cache(n_tokens)
-            self._cached_ids = []
-
-    def _new_cache(self, needed: int):
-        from transformers import DynamicCache, StaticCache
-
-        config = self.model.config
-        if self.mode == "plain":
-            return DynamicCache(config=config)
-        # whole KiB-token steps: a chat that grows re-allocates (and re-records the step) only now and then
-        length = -(-needed // 1024) * 1024
-        if self.max_positions:
-            length = min(length, max(self.max_positions, needed))
-        self._cache_len = length
-        self._compiled.clear()
-        return StaticCache(config=config, max_cache_len=length)
-
-    def _crop(self, n_remove: int) -> None:
-        if n_remove <= 0:
-            return
-        if self.mode == "plain":
-            self._cache.crop(-n_remove)
-            return
-        # static layers: move the write position back in place (the tensors keep their static addresses);
-        # older transformers v5 releases have no StaticLayer.crop
-        with torch.inference_mode():
-            for layer in self._cache.layers:
-                if type(layer).__name__ != "StaticLayer":
-                    raise RuntimeError(f"cannot crop a {type(layer).__name__}")
-                if getattr(layer, "is_initialized", False):
-                    layer.cumulative_length.sub_(n_remove)
-
-    def _prepare_cache(self, prompt_ids: list[int], max_new: int) -> int:
-        """Reuse the cached prefix of `prompt_ids`; return how many prompt ids are already in the cache."""
-        needed = len(prompt_ids) + max_new
-        if self._cache is not None and self.mode != "plain" and needed > self._cache_len:
-            self._cache, self._cached_ids = None, []  # too small: grow (recompiles the decode step once)
-        if self._cache is None:
-            self._cache = self._new_cache(needed)
-            self._cached_ids = []
-        # reconcile with what the cache really holds (a stream that was not read to its end leaves extra ids)
-        actual = int(self._cache.get_seq_length())
-        if actual > len(self._cached_ids):
-            self._crop(actual - len(self._cached_ids))
-        elif actual < len(self._cached_ids):
-            self._cached_ids = self._cached_ids[:actual]
-        common = 0
-        limit = min(len(self._cached_ids), len(prompt_ids) - 1)  # at least one id must be run for the logits
-        while common < limit and self._cached_ids[common] == prompt_ids[common]:
-            common += 1
-        try:
-            self._crop(len(self._cached_ids) - common)
-        except Exception:  # noqa: BLE001 - layers that cannot be cropped (sliding windows, ...): start over
-            self._cache = self._new_cache(needed)
-            common = 0
-        self._cached_ids = self._cached_ids[:common]
-        return common
+        self.kv.reserve(n_tokens)
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self._cache})
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.kv.cache})
         return out.logits[:, -1, :].float()
 
     def _decode_greedy(self, token: torch.Tensor) -> torch.Tensor:
@@ -217,7 +152,7 @@ class Generator:
                     done += 1
         finally:
             torch.cuda.current_stream().wait_stream(side)
-            self._crop(done)  # the warm-up steps wrote past the prompt: move the write position back
+            self.kv.crop(done)  # the warm-up steps wrote past the prompt: move the write position back
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = fn(static_in)
@@ -283,7 +218,7 @@ class Generator:
             return
 
         with torch.inference_mode():
-            cached = self._prepare_cache(prompt, max_new)
+            cached = self.kv.prepare(prompt, max_new)
             rng = None
             if not cfg.greedy:
                 rng = torch.Generator(device=self.device)
@@ -295,7 +230,7 @@ class Generator:
             pure_greedy = cfg.greedy and seen is None
             ids_in = torch.tensor([prompt[cached:]], dtype=torch.long, device=self.device)
             logits = self._forward(ids_in)
-            self._cached_ids = prompt[:]
+            self.kv.ids = prompt[:]
             token = self._choose(logits, cfg, seen, rng)  # [1, 1]
             step = self._step_fn(pure_greedy)
 
@@ -336,9 +271,8 @@ class Generator:
                 text_parts.append(tail)
                 yield tail
             # the last id was sampled but never run through the model: the cache holds the rest
-            self._cached_ids = prompt + new_ids[:-1]
-            if self.mode != "plain":
-                self._sync_static_length()
+            self.kv.ids = prompt + new_ids[:-1]
+            self.kv.trim_to_ids()
         decode_s = time.perf_counter() - t1
         self.last_result = GenerationResult(
             ids=new_ids,
@@ -350,11 +284,6 @@ class Generator:
             time_to_first_token=ttft,
             decode_seconds=decode_s,
         )
-
-    def _sync_static_length(self) -> None:
-        """The static cache may hold ids computed past the stop (a chunk ahead): cut them off."""
-        have = int(self._cache.get_seq_length())
-        self._crop(have - len(self._cached_ids))
 
     def _decode_loop(self, token, first, step, max_new, cfg, seen, rng, take, pure_greedy) -> Iterator[str]:
         device = self.device
