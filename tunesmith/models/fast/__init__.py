@@ -196,6 +196,10 @@ def plan_fast_paths(speed: Any, *, packed: bool, deepspeed_stage: int, device: t
 
 def compile_decoder_layers(model: nn.Module) -> int:
     """``torch.compile`` every decoder layer in place (one compiled graph reused across identical layers)."""
+    # transformers >= 5.25 wraps attention forwards (the `kernels` hub's use_kernelized_func) in a set / reset of a
+    # module-level variable; inside a checkpointed layer dynamo would break the graph there rather than replay that
+    # side effect in the recompute. Set and reset leave nothing behind, so the recompute need not replay them.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
